@@ -1,0 +1,57 @@
+"""System checks: misconfiguration is reported at startup, with ids."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import Error, Warning, register
+from django.core.exceptions import ImproperlyConfigured
+
+from .conf import get_settings
+
+MIDDLEWARE_PATH = "django_ws.middleware.WebSocketMiddleware"
+NEEDED_BEFORE = (
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+)
+
+
+@register()
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    try:
+        conf = get_settings()
+    except ImproperlyConfigured as exc:
+        return [Error(str(exc), id="django_ws.E001")]
+    problems: list[Any] = []
+    middleware = list(getattr(settings, "MIDDLEWARE", None) or [])
+    if MIDDLEWARE_PATH not in middleware:
+        problems.append(
+            Warning(
+                f"{MIDDLEWARE_PATH} is not in MIDDLEWARE: websocket handshakes will not be answered",
+                hint="Add it after SessionMiddleware and AuthenticationMiddleware.",
+                id="django_ws.W001",
+            )
+        )
+    else:
+        position = middleware.index(MIDDLEWARE_PATH)
+        for needed in NEEDED_BEFORE:
+            if needed in middleware and middleware.index(needed) > position:
+                problems.append(
+                    Error(
+                        f"{MIDDLEWARE_PATH} must come after {needed} in MIDDLEWARE",
+                        hint="It needs request.session and request.user to resolve channels.",
+                        id="django_ws.E002",
+                    )
+                )
+    if conf.offload_to and conf.ticket_secret_derived:
+        problems.append(
+            Error(
+                "DJANGO_WS['OFFLOAD_TO'] is set but no ticket secret is: the websocket "
+                "instance cannot verify tickets",
+                hint="Set DJANGO_WS['TICKET_SECRET'] (or $DJANGO_WS_SECRET) to the value given "
+                "to the websocket instance as DJANGO_WS_SECRET.",
+                id="django_ws.E003",
+            )
+        )
+    return problems

@@ -1,0 +1,232 @@
+"""Settings of the Django side: one accessor, every default in one place.
+
+``settings.WEBSOCKET_URL`` is the URL prefix of websocket endpoints; everything else
+lives in the ``settings.DJANGO_WS`` dict. :func:`get_settings` validates them and
+raises ImproperlyConfigured naming the bad setting; the system checks call it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+from django.utils.module_loading import import_string
+
+from uwsgi_ws.config import DEFAULT_REDIS_URL
+from uwsgi_ws.protocol import Limits, validate_prefix
+
+DEFAULTS: dict[str, Any] = {
+    # Where Redis is. Default: $DJANGO_WS_REDIS_URL, else the local server.
+    "REDIS_URL": None,
+    # First part of every Redis key and channel name; change it to share a Redis.
+    "PREFIX": "ws",
+    # Messages kept per channel for recovery, and seconds they are kept after the
+    # channel's last message. 0 disables history (and therefore recovery).
+    "HISTORY_SIZE": 100,
+    "HISTORY_TTL": 900,
+    # Seconds between server heartbeats (a ping and a heartbeat frame).
+    "HEARTBEAT": 20,
+    # Origins allowed to open websockets; None means the request's own host only.
+    "ALLOWED_ORIGINS": None,
+    # Accept handshakes without an Origin header (non-browser clients send none).
+    "ALLOW_MISSING_ORIGIN": True,
+    # Facility names allowed; None allows any valid name.
+    "FACILITIES": None,
+    # Dotted path to the authorization hook, see django_ws.auth.
+    "AUTHORIZE": "django_ws.auth.default_authorize",
+    # Audiences an authenticated client may publish to under the default hook.
+    "CLIENT_PUBLISH": (),
+    # Largest message a client may send, in bytes.
+    "MAX_MESSAGE_SIZE": 65536,
+    # Client publishes: messages per second and burst size, per connection.
+    "RATE_LIMIT": (10, 20),
+    # Slow consumers: a connection whose unsent data exceeds either bound is closed.
+    "SEND_QUEUE_MESSAGES": 1000,
+    "SEND_QUEUE_BYTES": 1 << 20,
+    # Secret shared with the websocket instance. Default: $DJANGO_WS_SECRET, else
+    # (single-instance mode only) derived from SECRET_KEY.
+    "TICKET_SECRET": None,
+    # Seconds a hand-over ticket stays valid.
+    "TICKET_TTL": 15,
+    # uWSGI socket of the websocket instance ("127.0.0.1:8001" or a unix path).
+    # Default: $DJANGO_WS_OFFLOAD_TO. None: no offloading (single-instance mode).
+    "OFFLOAD_TO": None,
+}
+
+AUDIENCE_NAMES = ("broadcast", "user", "group", "session")
+
+
+@dataclass(frozen=True)
+class WsSettings:
+    """Validated settings (see DEFAULTS for what each one means)."""
+
+    url: str
+    redis_url: str
+    prefix: str
+    history_size: int
+    history_ttl: float
+    heartbeat: float
+    allowed_origins: tuple[str, ...] | None
+    allow_missing_origin: bool
+    facilities: frozenset[str] | None
+    authorize: Callable[..., bool]
+    client_publish: frozenset[str]
+    max_message_size: int
+    rate: float
+    burst: int
+    queue_messages: int
+    queue_bytes: int
+    ticket_secret: bytes
+    ticket_secret_derived: bool
+    ticket_ttl: float
+    offload_to: str | None
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_message_size=self.max_message_size,
+            rate=self.rate,
+            burst=self.burst,
+            queue_messages=self.queue_messages,
+            queue_bytes=self.queue_bytes,
+            heartbeat=self.heartbeat,
+            history_size=self.history_size,
+            history_ttl=self.history_ttl,
+        )
+
+
+_cached: WsSettings | None = None
+
+
+def get_settings() -> WsSettings:
+    """Return the validated settings, read once and cached until they change.
+
+    Raises:
+        ImproperlyConfigured: a setting has a bad value; the message names it.
+    """
+    global _cached
+    if _cached is None:
+        _cached = _read()
+    return _cached
+
+
+@receiver(setting_changed)
+def _reset(setting: str, **kwargs: Any) -> None:
+    global _cached
+    if setting in ("DJANGO_WS", "WEBSOCKET_URL", "SECRET_KEY"):
+        _cached = None
+
+
+def _read() -> WsSettings:
+    user = getattr(settings, "DJANGO_WS", {})
+    if not isinstance(user, dict):
+        raise ImproperlyConfigured("DJANGO_WS must be a dict")
+    unknown = sorted(set(user) - set(DEFAULTS))
+    if unknown:
+        raise ImproperlyConfigured(
+            f"unknown DJANGO_WS setting(s) {', '.join(unknown)}; known: {', '.join(sorted(DEFAULTS))}"
+        )
+    s = {**DEFAULTS, **user}
+
+    url = getattr(settings, "WEBSOCKET_URL", "/ws/")
+    if not isinstance(url, str) or not url.startswith("/") or not url.endswith("/"):
+        raise ImproperlyConfigured(f"WEBSOCKET_URL must start and end with '/', not {url!r}")
+
+    redis_url = s["REDIS_URL"] or os.environ.get("DJANGO_WS_REDIS_URL") or DEFAULT_REDIS_URL
+    if not isinstance(redis_url, str) or not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ImproperlyConfigured(
+            f"DJANGO_WS['REDIS_URL'] must be a redis://, rediss:// or unix:// URL, not {redis_url!r}"
+        )
+    try:
+        prefix = validate_prefix(s["PREFIX"])
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"DJANGO_WS['PREFIX']: {exc}") from None
+
+    origins = s["ALLOWED_ORIGINS"]
+    if origins is not None:
+        if isinstance(origins, str) or not all(isinstance(o, str) for o in origins):
+            raise ImproperlyConfigured(
+                "DJANGO_WS['ALLOWED_ORIGINS'] must be a list of origins such as "
+                "['https://example.com'], or None for the request's own host"
+            )
+        origins = tuple(o.rstrip("/").lower() for o in origins)
+
+    facilities = s["FACILITIES"]
+    if facilities is not None:
+        if isinstance(facilities, str):
+            raise ImproperlyConfigured("DJANGO_WS['FACILITIES'] must be a list of names, or None")
+        facilities = frozenset(facilities)
+
+    hook = s["AUTHORIZE"]
+    if isinstance(hook, str):
+        try:
+            hook = import_string(hook)
+        except ImportError as exc:
+            raise ImproperlyConfigured(f"DJANGO_WS['AUTHORIZE']: cannot import {s['AUTHORIZE']!r} ({exc})") from None
+    if not callable(hook):
+        raise ImproperlyConfigured("DJANGO_WS['AUTHORIZE'] must be a callable or its dotted path")
+
+    client_publish = s["CLIENT_PUBLISH"]
+    if isinstance(client_publish, str) or not set(client_publish) <= set(AUDIENCE_NAMES):
+        raise ImproperlyConfigured(
+            f"DJANGO_WS['CLIENT_PUBLISH'] must be a list drawn from {AUDIENCE_NAMES}, not {client_publish!r}"
+        )
+
+    rate = s["RATE_LIMIT"]
+    if not (isinstance(rate, (tuple, list)) and len(rate) == 2 and all(_number(x) and x >= 0 for x in rate)):
+        raise ImproperlyConfigured(
+            "DJANGO_WS['RATE_LIMIT'] must be (messages per second, burst), e.g. (10, 20); "
+            "(0, 0) disables the limit"
+        )
+
+    secret = s["TICKET_SECRET"] or os.environ.get("DJANGO_WS_SECRET")
+    derived = not secret
+    if derived:
+        secret = hashlib.sha256(b"django_ws.ticket:" + str(settings.SECRET_KEY).encode()).hexdigest()
+    offload_to = s["OFFLOAD_TO"] or os.environ.get("DJANGO_WS_OFFLOAD_TO") or None
+
+    return WsSettings(
+        url=url,
+        redis_url=redis_url,
+        prefix=prefix,
+        history_size=_int(s, "HISTORY_SIZE", 0),
+        history_ttl=_positive(s, "HISTORY_TTL"),
+        heartbeat=_positive(s, "HEARTBEAT"),
+        allowed_origins=origins,
+        allow_missing_origin=bool(s["ALLOW_MISSING_ORIGIN"]),
+        facilities=facilities,
+        authorize=hook,
+        client_publish=frozenset(client_publish),
+        max_message_size=_int(s, "MAX_MESSAGE_SIZE", 1),
+        rate=float(rate[0]),
+        burst=int(rate[1]),
+        queue_messages=_int(s, "SEND_QUEUE_MESSAGES", 1),
+        queue_bytes=_int(s, "SEND_QUEUE_BYTES", 1024),
+        ticket_secret=str(secret).encode("utf-8"),
+        ticket_secret_derived=derived,
+        ticket_ttl=_positive(s, "TICKET_TTL"),
+        offload_to=offload_to,
+    )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int(s: dict[str, Any], name: str, minimum: int) -> int:
+    value = s[name]
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ImproperlyConfigured(f"DJANGO_WS['{name}'] must be an integer >= {minimum}, not {value!r}")
+    return value
+
+
+def _positive(s: dict[str, Any], name: str) -> float:
+    value = s[name]
+    if not _number(value) or value <= 0:
+        raise ImproperlyConfigured(f"DJANGO_WS['{name}'] must be a positive number of seconds, not {value!r}")
+    return float(value)

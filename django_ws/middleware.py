@@ -1,0 +1,199 @@
+"""The websocket middleware: authenticate and authorize in Django, then hand over.
+
+Put it after SessionMiddleware and AuthenticationMiddleware. For a request under
+``WEBSOCKET_URL`` it checks the handshake, the Origin, the facility and the query,
+resolves the requested subscriptions to concrete Redis channels for this user (groups
+read fresh from the database), runs the authorization hook, and signs a short-lived
+ticket. Then, depending on the server:
+
+* offload (``DJANGO_WS["OFFLOAD_TO"]`` set, under uWSGI): the ticket and the
+  websocket instance's address go to uWSGI with ``uwsgi.add_var``; the response
+  routes of uwsgi.ini.example hand the connection to that instance through an
+  offload thread, and this worker is free at once;
+* single instance (``django_ws.wsgi`` under uWSGI with gevent): the ticket goes
+  into the WSGI environ and the wrapper serves the websocket in this greenlet
+  once Django has finished the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+from urllib.parse import urlsplit
+
+from django.core.exceptions import DisallowedHost
+from django.http import HttpRequest, HttpResponse
+
+from uwsgi_ws.exceptions import BadRequest, Refused
+from uwsgi_ws.protocol import (
+    Audience,
+    Kind,
+    Request,
+    Ticket,
+    channel_name,
+    check_handshake,
+    parse_query,
+    sign_ticket,
+    validate_facility,
+)
+
+from .conf import WsSettings, get_settings
+
+logger = logging.getLogger(__name__)
+
+TICKET_VAR = "DJANGO_WS_TICKET"
+OFFLOAD_VAR = "DJANGO_WS_OFFLOAD"
+# Set in the WSGI environ by servers that run websockets in-process.
+SERVER_KEY = "django_ws.server"
+
+
+class WebSocketMiddleware:
+    """Turn websocket handshakes under ``WEBSOCKET_URL`` into signed hand-overs."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        conf = get_settings()
+        if not request.path_info.startswith(conf.url):
+            return self.get_response(request)
+        try:
+            ticket = self.authorize(request, request.path_info[len(conf.url) :], conf)
+        except BadRequest as exc:
+            if isinstance(exc, Refused):
+                logger.info("refused websocket to %s: %s", request.path_info, exc.message)
+            return _plain(exc.status, exc.message)
+        return self.hand_over(request, sign_ticket(ticket, conf.ticket_secret), conf)
+
+    # ----------------------------------------------------------------- decisions
+
+    def authorize(self, request: HttpRequest, facility: str, conf: WsSettings) -> Ticket:
+        """Check the request and return the ticket it earns.
+
+        Raises:
+            BadRequest: malformed handshake, facility or query (4xx).
+            Refused: origin or authorization refused (403).
+        """
+        check_handshake(request.method or "", request.META)
+        check_origin(request, conf)
+        validate_facility(facility)
+        if conf.facilities is not None and facility not in conf.facilities:
+            raise BadRequest(f"unknown facility {facility!r}", status=404)
+        asked = parse_query(request.META.get("QUERY_STRING", ""))
+
+        subscribe: dict[str, str] = {}
+        for kind in sorted(asked.subscribe, key=lambda k: k.value):
+            for audience in resolve(request, kind, "subscribe"):
+                _require(conf, request, facility, "subscribe", audience)
+                subscribe[audience.label] = channel_name(conf.prefix, facility, audience)
+        publish: list[str] = []
+        for kind in sorted(asked.publish, key=lambda k: k.value):
+            for audience in resolve(request, kind, "publish"):
+                _require(conf, request, facility, "publish", audience)
+                publish.append(channel_name(conf.prefix, facility, audience))
+
+        return Ticket(
+            subscribe=subscribe,
+            publish=tuple(publish),
+            echo=asked.echo,
+            latest=asked.latest,
+            recover={label: p for label, p in asked.recover.items() if label in subscribe},
+            identity=_identity(request),
+            limits=conf.limits(),
+            expires=time.time() + conf.ticket_ttl,
+        )
+
+    # ----------------------------------------------------------------- hand-over
+
+    def hand_over(self, request: HttpRequest, token: str, conf: WsSettings) -> HttpResponse:
+        """Pass the signed ticket to whatever serves the websocket."""
+        if request.META.get(SERVER_KEY):
+            request.META[TICKET_VAR] = token
+            return _plain(503, "the websocket server did not take the connection")
+        if conf.offload_to:
+            try:
+                import uwsgi
+            except ImportError:
+                uwsgi = None
+            if uwsgi is not None:
+                uwsgi.add_var(TICKET_VAR, token)
+                uwsgi.add_var(OFFLOAD_VAR, conf.offload_to)
+                # Only seen if the response routes of uwsgi.ini.example are missing.
+                return _plain(503, "websocket offloading is not configured on this server")
+        logger.error(
+            "no websocket server for %s: set DJANGO_WS['OFFLOAD_TO'] under uWSGI, or serve "
+            "the project with django_ws.wsgi in single-instance mode",
+            request.path_info,
+        )
+        return _plain(503, "websockets are not available on this server")
+
+
+def check_origin(request: HttpRequest, conf: WsSettings) -> None:
+    """Refuse cross-site websocket hijacking: the Origin must be allowed.
+
+    Raises:
+        Refused: the Origin is not allowed (or missing, when that is not allowed).
+    """
+    origin = request.META.get("HTTP_ORIGIN")
+    if origin is None:
+        if conf.allow_missing_origin:
+            return
+        raise Refused("an Origin header is required")
+    origin = origin.strip().rstrip("/").lower()
+    if conf.allowed_origins is not None:
+        if "*" in conf.allowed_origins or origin in conf.allowed_origins:
+            return
+        raise Refused("origin not allowed")
+    try:
+        host = request.get_host().lower()
+    except DisallowedHost:
+        raise BadRequest("invalid Host header") from None
+    if urlsplit(origin).netloc != host:
+        raise Refused("origin not allowed")
+
+
+def resolve(request: HttpRequest, kind: Kind, action: str) -> list[Audience]:
+    """Return the audiences of ``kind`` that belong to this request's client.
+
+    Raises:
+        Refused: the client has no user (user, group) or no session (session).
+    """
+    if kind is Kind.BROADCAST:
+        return [Audience(Kind.BROADCAST)]
+    if kind is Kind.SESSION:
+        session = getattr(request, "session", None)
+        key = session.session_key if session is not None else None
+        if not key:
+            raise Refused(f"{action}-session needs a session: the request carried no session cookie")
+        return [Audience(Kind.SESSION, key)]
+    user = getattr(request, "user", None)
+    if user is None or not user.is_authenticated:
+        raise Refused(f"{action}-{kind.value} needs a logged-in user")
+    if kind is Kind.USER:
+        return [Audience(Kind.USER, user.get_username())]
+    # Read from the database now, so a membership change applies to the next connection.
+    names = user.groups.order_by("name").values_list("name", flat=True)
+    return [Audience(Kind.GROUP, name) for name in names]
+
+
+def _require(conf: WsSettings, request: HttpRequest, facility: str, action: str, audience: Audience) -> None:
+    if not conf.authorize(request, facility, action, audience):
+        raise Refused(f"not allowed to {action} to {audience.label}")
+
+
+def _identity(request: HttpRequest) -> str:
+    user = getattr(request, "user", None)
+    if user is not None and user.is_authenticated:
+        return f"user:{user.pk}"
+    return "anonymous"
+
+
+def _plain(status: int, text: str) -> HttpResponse:
+    response = HttpResponse(text + "\n", status=status, content_type="text/plain; charset=utf-8")
+    if status == 426:
+        response["Upgrade"] = "websocket"
+        response["Sec-WebSocket-Version"] = "13"
+    elif status == 405:
+        response["Allow"] = "GET"
+    return response

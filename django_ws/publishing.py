@@ -1,0 +1,116 @@
+"""``publish()``: push a message to websockets from any synchronous code."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterable
+
+import redis
+
+from uwsgi_ws.exceptions import BadRequest, PublishError
+from uwsgi_ws.protocol import Audience, Kind, channel_name, encode_payload, validate_facility
+from uwsgi_ws.store import Published, Store
+
+from .conf import get_settings
+
+__all__ = ["publish", "Published", "PublishError"]
+
+_lock = threading.Lock()
+_clients: dict[str, redis.Redis] = {}
+
+
+def get_redis() -> redis.Redis:
+    """Return the process's Redis client for ``DJANGO_WS["REDIS_URL"]``, made on first use."""
+    url = get_settings().redis_url
+    client = _clients.get(url)
+    if client is None:
+        with _lock:
+            client = _clients.get(url)
+            if client is None:
+                client = _clients[url] = redis.Redis.from_url(
+                    url, socket_timeout=5.0, socket_connect_timeout=5.0, health_check_interval=30
+                )
+    return client
+
+
+def publish(
+    facility: str,
+    message: Any,
+    *,
+    broadcast: bool = False,
+    users: Iterable[Any] = (),
+    groups: Iterable[Any] = (),
+    sessions: Iterable[Any] = (),
+    history: bool = True,
+) -> list[Published]:
+    """Send ``message`` to the websockets of ``facility`` that listen to the given audiences.
+
+    Args:
+        facility: the facility name (the URL part after ``WEBSOCKET_URL``).
+        message: ``str`` (sent as text), ``bytes`` (sent as a binary frame) or any
+            JSON-serialisable value (sent as text, decoded by the browser client).
+        broadcast: reach every ``subscribe-broadcast`` client of the facility.
+        users: users (or usernames) whose ``subscribe-user`` clients to reach.
+        groups: groups (or group names) whose members' ``subscribe-group`` clients to reach.
+        sessions: sessions (session keys, session objects or requests) whose
+            ``subscribe-session`` clients to reach.
+        history: keep the message for recovery (``HISTORY_SIZE`` > 0 needed).
+
+    Returns:
+        One :class:`~uwsgi_ws.store.Published` per channel: its offset, epoch, and how
+        many websocket workers received it live.
+
+    Raises:
+        ValueError: bad facility, or no audience given.
+        TypeError: the message or an audience has a type that cannot be sent.
+        PublishError: Redis could not be reached; the message was not sent.
+    """
+    conf = get_settings()
+    try:
+        validate_facility(facility)
+    except BadRequest as exc:
+        raise ValueError(exc.message) from None
+    audiences: list[Audience] = []
+    if broadcast:
+        audiences.append(Audience(Kind.BROADCAST))
+    audiences += [Audience(Kind.USER, _name(u, "users", _username)) for u in _many(users, "users")]
+    audiences += [Audience(Kind.GROUP, _name(g, "groups", _group_name)) for g in _many(groups, "groups")]
+    audiences += [Audience(Kind.SESSION, _name(s, "sessions", _session_key)) for s in _many(sessions, "sessions")]
+    if not audiences:
+        raise ValueError("publish() needs an audience: broadcast=True, users=[...], groups=[...] or sessions=[...]")
+    kind, payload = encode_payload(message)
+    channels = [channel_name(conf.prefix, facility, a) for a in audiences]
+    store = Store(get_redis())
+    return store.publish(
+        channels,
+        kind,
+        payload,
+        history_size=conf.history_size if history else 0,
+        history_ttl=conf.history_ttl,
+    )
+
+
+def _many(values: Iterable[Any], name: str) -> Iterable[Any]:
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{name} must be a list, not a single {type(values).__name__}: use {name}=[{values!r}]")
+    return values
+
+
+def _name(value: Any, what: str, get: Any) -> str:
+    name = value if isinstance(value, str) else get(value)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"cannot tell the name of {value!r} in {what}")
+    return name
+
+
+def _username(user: Any) -> str | None:
+    return user.get_username() if hasattr(user, "get_username") else None
+
+
+def _group_name(group: Any) -> str | None:
+    return getattr(group, "name", None)
+
+
+def _session_key(value: Any) -> str | None:
+    session = getattr(value, "session", value)  # an HttpRequest, or a session
+    return getattr(session, "session_key", None)

@@ -1,0 +1,122 @@
+"""The WSGI application of the websocket instance (uWSGI with the gevent loop).
+
+It never imports Django. Django authenticated the client, decided what it may do and
+signed that as a ticket; uWSGI forwarded the connection here together with the
+ticket (``uwsgi.add_var``). This application checks the ticket, completes the
+websocket handshake with uWSGI's native API and serves the session.
+
+Run it with::
+
+    uwsgi --socket 127.0.0.1:8001 --gevent 10000 --gevent-early-monkey-patch \\
+          --module uwsgi_ws.app:application --env DJANGO_WS_SECRET=...
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable
+
+import redis
+
+from .config import Config
+from .exceptions import BadRequest, TicketError
+from .hub import Hub, connection_factory
+from .protocol import check_handshake, verify_ticket
+from .session import Session
+from .store import Store
+from .transport import GeventSocketTransport
+
+logger = logging.getLogger(__name__)
+
+TICKET_VAR = "DJANGO_WS_TICKET"
+
+StartResponse = Callable[..., Any]
+
+
+class WebSocketApplication:
+    """Serve handed-over websocket connections.
+
+    Args:
+        config: the instance configuration; read from the environment on first use
+            when omitted.
+    """
+
+    def __init__(self, config: Config | None = None) -> None:
+        self._config = config
+        self._hub: Hub | None = None
+        self._store: Store | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = Config.from_env()
+        return self._config
+
+    def _runtime(self) -> tuple[Hub, Store]:
+        # Built on first use, so inside the worker process after uWSGI forked it.
+        if self._hub is None or self._store is None:
+            config = self.config
+            self._check_gevent()
+            client = redis.Redis(
+                connection_pool=redis.BlockingConnectionPool.from_url(
+                    config.redis_url,
+                    max_connections=config.pool_size,
+                    timeout=config.subscribe_timeout,
+                    socket_timeout=10.0,
+                    socket_connect_timeout=5.0,
+                    health_check_interval=30,
+                )
+            )
+            sub = "SSUBSCRIBE" if config.publish_command == "SPUBLISH" else "SUBSCRIBE"
+            self._store = Store(client, publish_command=config.publish_command)
+            self._hub = Hub(connection_factory(config.redis_url, ping_interval=10.0), subscribe_command=sub)
+            self._hub.start()
+        return self._hub, self._store
+
+    @staticmethod
+    def _check_gevent() -> None:
+        from gevent import monkey
+
+        if not monkey.is_module_patched("socket"):
+            logger.error(
+                "the websocket instance needs gevent's monkey patching: start uWSGI with "
+                "--gevent-early-monkey-patch (or gevent-monkey-patch = true)"
+            )
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            ticket = verify_ticket(environ.get(TICKET_VAR), self.config.secret, leeway=self.config.clock_skew)
+            key = check_handshake(environ.get("REQUEST_METHOD", ""), environ)
+        except TicketError as exc:
+            logger.warning("refused websocket from %s: %s", environ.get("REMOTE_ADDR", "?"), exc.reason)
+            return _answer(start_response, 403, "forbidden")
+        except BadRequest as exc:
+            return _answer(start_response, exc.status, exc.message)
+        hub, store = self._runtime()
+        import uwsgi
+
+        try:
+            uwsgi.websocket_handshake(key)
+        except OSError:
+            logger.warning("websocket handshake failed for %s", ticket.identity)
+            return []
+        transport = GeventSocketTransport(uwsgi.connection_fd())
+        Session(ticket, transport, hub, store, subscribe_timeout=self.config.subscribe_timeout).run()
+        return []
+
+
+_REASONS = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed", 426: "Upgrade Required"}
+
+
+def _answer(start_response: StartResponse, status: int, text: str) -> list[bytes]:
+    body = (text + "\n").encode("utf-8")
+    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
+    if status == 426:
+        headers += [("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")]
+    if status == 405:
+        headers.append(("Allow", "GET"))
+    start_response(f"{status} {_REASONS.get(status, 'Error')}", headers)
+    return [body]
+
+
+application = WebSocketApplication()

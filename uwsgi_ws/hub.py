@@ -1,0 +1,290 @@
+"""The Hub: one Redis subscriber connection per worker process.
+
+Every websocket of the worker registers with the Hub for its channels. The Hub
+sends SUBSCRIBE when a channel gets its first local listener and UNSUBSCRIBE when it
+loses its last, so the number of Redis connections does not grow with the number
+of websockets. One greenlet reads replies in a tight loop: the parser hands out
+every reply already buffered before touching the socket again, so nothing waits for
+the next network event. No select() is involved anywhere (it fails past fd 1024).
+
+When the connection to Redis breaks, the Hub reconnects with capped exponential
+backoff, subscribes again to every channel that still has listeners, and asks each
+listener to resynchronise from the channel history.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Callable, Iterable, Protocol
+
+import gevent
+from gevent.event import Event
+from gevent.lock import Semaphore
+from redis.connection import Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, TimeoutError as RedisTimeoutError
+
+from .protocol import Envelope, channel_label, client_frame, decode_envelope
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 256  # channels per SUBSCRIBE command when subscribing again after a reconnect
+
+
+class Listener(Protocol):
+    """What the Hub calls on a subscribed websocket session."""
+
+    def deliver(self, channel: str, envelope: Envelope, frame: bytes) -> None:
+        """Take one message; must not block."""
+
+    def resync(self, channel: str) -> None:
+        """Recover ``channel`` from history after the Hub lost messages; must not block."""
+
+
+class SubscribeTimeout(Exception):
+    """Redis did not confirm a subscription in time."""
+
+
+class _Channel:
+    __slots__ = ("label", "listeners", "confirmed", "resync")
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.listeners: set[Listener] = set()
+        self.confirmed = Event()
+        self.resync = False
+
+
+class Hub:
+    """Fan messages out from one Redis subscriber connection to many listeners.
+
+    Args:
+        connect: returns a new, unconnected redis-py ``Connection``.
+        ping_interval: seconds between PINGs on the subscriber connection; a
+            connection silent for three intervals is considered dead.
+        max_backoff: the longest pause between reconnection attempts.
+        subscribe_command: ``SUBSCRIBE``, or ``SSUBSCRIBE`` on a Redis Cluster.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Connection],
+        *,
+        ping_interval: float = 10.0,
+        max_backoff: float = 5.0,
+        subscribe_command: str = "SUBSCRIBE",
+    ) -> None:
+        self._connect = connect
+        self._ping_interval = ping_interval
+        self._max_backoff = max_backoff
+        self._sub = subscribe_command
+        self._unsub = "SUNSUBSCRIBE" if subscribe_command == "SSUBSCRIBE" else "UNSUBSCRIBE"
+        self._channels: dict[str, _Channel] = {}
+        # SUBSCRIBE commands sent per channel whose confirmation has not arrived yet.
+        # A channel is confirmed only when this drops to zero: after a quick
+        # SUBSCRIBE, UNSUBSCRIBE, SUBSCRIBE the first confirmation must not count.
+        self._inflight: dict[str, int] = {}
+        self._conn: Connection | None = None
+        self._ready = Event()
+        self._write_lock = Semaphore()
+        self._greenlets: list[gevent.Greenlet] = []
+        self._stopping = False
+        self.reconnects = 0
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Start the reader and pinger greenlets (idempotent)."""
+        if not self._greenlets:
+            self._greenlets = [gevent.spawn(self._read_forever), gevent.spawn(self._ping_forever)]
+
+    def stop(self) -> None:
+        """Stop the greenlets and close the Redis connection."""
+        self._stopping = True
+        gevent.killall(self._greenlets)
+        self._greenlets = []
+        if self._conn is not None:
+            self._conn.disconnect()
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._channels)
+
+    # ----------------------------------------------------------------- listeners
+
+    def subscribe(self, listener: Listener, channels: Iterable[str], *, timeout: float = 10.0) -> None:
+        """Register ``listener`` for ``channels`` and wait until Redis confirms them.
+
+        Raises:
+            SubscribeTimeout: Redis did not confirm within ``timeout`` seconds; the
+                listener is then unregistered again.
+        """
+        self.start()
+        channels = list(dict.fromkeys(channels))
+        new = []
+        for name in channels:
+            state = self._channels.get(name)
+            if state is None:
+                state = self._channels[name] = _Channel(channel_label(name))
+                new.append(name)
+            state.listeners.add(listener)
+        if new:
+            self._send(self._sub, new)
+        with gevent.Timeout(timeout, SubscribeTimeout):
+            try:
+                for name in channels:
+                    self._channels[name].confirmed.wait()
+            except SubscribeTimeout:
+                self.unsubscribe(listener, channels)
+                raise
+            except KeyError:  # pragma: no cover - unsubscribed concurrently
+                raise SubscribeTimeout() from None
+
+    def unsubscribe(self, listener: Listener, channels: Iterable[str]) -> None:
+        """Unregister ``listener``; channels without listeners are unsubscribed."""
+        gone = []
+        for name in channels:
+            state = self._channels.get(name)
+            if state is None:
+                continue
+            state.listeners.discard(listener)
+            if not state.listeners:
+                del self._channels[name]
+                gone.append(name)
+        if gone:
+            self._send(self._unsub, gone)
+
+    def _send(self, command: str, channels: list[str]) -> None:
+        if command == self._sub:
+            for name in channels:
+                self._inflight[name] = self._inflight.get(name, 0) + 1
+        if not self._ready.is_set():
+            # The reader subscribes to every registered channel once it connects.
+            return
+        conn = self._conn
+        with self._write_lock:
+            try:
+                for start in range(0, len(channels), _CHUNK):
+                    conn.send_command(command, *channels[start : start + _CHUNK], check_health=False)
+            except (RedisError, OSError) as exc:
+                # The reader sees the broken connection too and reconnects.
+                logger.warning("could not send %s to Redis: %s", command, exc)
+
+    # ----------------------------------------------------------------- reader
+
+    def _read_forever(self) -> None:
+        delay = 0.0
+        first = True
+        while not self._stopping:
+            if delay:
+                gevent.sleep(delay * (0.5 + random.random() / 2))
+            try:
+                self._open(resync=not first)
+                delay = 0.0
+                first = False
+                self._read()
+            except (RedisError, OSError) as exc:
+                self._ready.clear()
+                for state in self._channels.values():
+                    state.confirmed.clear()
+                self._inflight.clear()
+                if self._conn is not None:
+                    self._conn.disconnect()
+                delay = min(self._max_backoff, max(0.05, delay * 2))
+                if not first:
+                    self.reconnects += 1
+                logger.warning("Redis subscriber connection lost (%s); reconnecting in about %.2fs", exc, delay)
+                first = False
+            except gevent.GreenletExit:
+                raise
+            except Exception:
+                logger.exception("unexpected error in the Hub reader; restarting it")
+                self._ready.clear()
+                if self._conn is not None:
+                    self._conn.disconnect()
+                delay = self._max_backoff
+
+    def _open(self, *, resync: bool) -> None:
+        conn = self._connect()
+        conn.connect()
+        self._conn = conn
+        names = list(self._channels)
+        self._inflight = {name: 1 for name in names}
+        for name in names:
+            self._channels[name].resync = resync
+        with self._write_lock:
+            for start in range(0, len(names), _CHUNK):
+                conn.send_command(self._sub, *names[start : start + _CHUNK], check_health=False)
+        self._ready.set()
+        if resync:
+            logger.info("Redis subscriber connection restored; %d channel(s) subscribed again", len(names))
+
+    def _read(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        channels = self._channels
+        while True:
+            try:
+                reply = conn.read_response()
+            except RedisTimeoutError:
+                raise RedisConnectionError("no answer to PING from Redis") from None
+            if not isinstance(reply, list):
+                continue  # +PONG outside of subscribe mode
+            kind = reply[0]
+            if kind == b"message" or kind == b"smessage":
+                name = reply[1].decode("utf-8")
+                state = channels.get(name)
+                if state is None or not state.listeners:
+                    continue
+                try:
+                    envelope = decode_envelope(reply[2])
+                except ValueError:
+                    logger.warning("ignoring a malformed message on %s", name)
+                    continue
+                frame = client_frame(state.label, envelope)
+                for listener in tuple(state.listeners):
+                    listener.deliver(name, envelope, frame)
+            elif kind == b"subscribe" or kind == b"ssubscribe":
+                name = reply[1].decode("utf-8")
+                left = self._inflight.get(name, 0) - 1
+                if left > 0:
+                    self._inflight[name] = left
+                    continue
+                self._inflight.pop(name, None)
+                state = channels.get(name)
+                if state is not None:
+                    state.confirmed.set()
+                    if state.resync:
+                        state.resync = False
+                        for listener in tuple(state.listeners):
+                            listener.resync(name)
+
+    def _ping_forever(self) -> None:
+        while not self._stopping:
+            gevent.sleep(self._ping_interval)
+            if not self._ready.is_set():
+                continue
+            with self._write_lock:
+                try:
+                    self._conn.send_command("PING", check_health=False)
+                except (RedisError, OSError) as exc:
+                    logger.warning("could not PING Redis: %s", exc)
+
+
+def connection_factory(url: str, *, ping_interval: float) -> Callable[[], Connection]:
+    """Return a function making subscriber connections to the Redis at ``url``."""
+    import redis
+
+    pool = redis.ConnectionPool.from_url(
+        url,
+        socket_timeout=ping_interval * 3,
+        socket_connect_timeout=5.0,
+        socket_keepalive=True,
+        health_check_interval=0,
+    )
+
+    def connect() -> Connection:
+        return pool.connection_class(**pool.connection_kwargs)
+
+    return connect

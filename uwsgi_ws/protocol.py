@@ -1,0 +1,651 @@
+"""The pure protocol: names, tickets, envelopes, frames and recovery decisions.
+
+Nothing here performs I/O or imports redis, uwsgi, gevent or Django, so every rule
+can be tested with plain values. Both the Django side and the websocket instance
+import this module; it is the single definition of the wire formats.
+
+Redis naming
+    One logical channel is a facility plus an audience. Every Redis name that
+    belongs to it shares one hash tag, so a Lua script touching the history, the
+    counters and the pub/sub channel stays within one Redis Cluster slot::
+
+        {prefix:facility:broadcast}            pub/sub channel
+        {prefix:facility:user:alice}:meta      hash: epoch, offset
+        {prefix:facility:group:staff}:log      stream: the bounded history
+
+    Audience names are percent-encoded so that ``{``, ``}`` and ``:`` in a group
+    name cannot break the hash tag or the parsing.
+
+Envelope (what Redis carries and keeps)
+    ``sender \\n kind \\n offset \\n epoch \\n payload`` where kind is ``t`` (text),
+    ``j`` (JSON text) or ``b`` (binary). The Lua publish script builds it, because
+    only Redis knows the offset.
+
+Client frames
+    Text messages and control frames are JSON objects with a ``type``. Binary
+    messages are a binary frame: a 2-byte big-endian header length, the JSON header
+    (same fields as a text message, without ``data``), then the payload bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import hashlib
+import hmac
+import json
+import re
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+from urllib.parse import quote, unquote, unquote_plus
+
+from .exceptions import BadRequest, TicketError
+
+__all__ = [
+    "Audience",
+    "Envelope",
+    "Position",
+    "Recovery",
+    "Request",
+    "Ticket",
+    "channel_name",
+    "client_frame",
+    "decide_recovery",
+    "parse_query",
+    "validate_facility",
+]
+
+# --------------------------------------------------------------------------- names
+
+FACILITY_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,62}[A-Za-z0-9_-])?$")
+PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+# Characters left readable in audience names; everything else is percent-encoded.
+_AUDIENCE_SAFE = "@.+-_"
+
+
+class Kind(str, enum.Enum):
+    """The audience kinds a channel can have."""
+
+    BROADCAST = "broadcast"
+    USER = "user"
+    GROUP = "group"
+    SESSION = "session"
+
+
+@dataclass(frozen=True)
+class Audience:
+    """Who a channel reaches: everyone, one user, one group or one session."""
+
+    kind: Kind
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        """Return the channel name shown to clients.
+
+        A client only ever sees its own user and session channels, so their names
+        (a session key is a secret) are not repeated on the wire.
+        """
+        if self.kind is Kind.GROUP:
+            return "group:" + self.name
+        return self.kind.value
+
+
+def validate_facility(facility: str) -> str:
+    """Return ``facility`` if it is a valid facility name, else raise BadRequest."""
+    if not isinstance(facility, str) or not FACILITY_RE.match(facility) or ".." in facility:
+        raise BadRequest(
+            "invalid facility name: use 1 to 64 characters among letters, digits, "
+            "'_', '-' and '.', starting with a letter or digit, without '..'"
+        )
+    return facility
+
+
+def validate_prefix(prefix: str) -> str:
+    """Return ``prefix`` if it can be used as the Redis name prefix, else raise ValueError."""
+    if not isinstance(prefix, str) or not PREFIX_RE.match(prefix):
+        raise ValueError(
+            f"invalid key prefix {prefix!r}: use 1 to 32 letters, digits, '_', '-' or '.'"
+        )
+    return prefix
+
+
+def channel_name(prefix: str, facility: str, audience: Audience) -> str:
+    """Return the Redis pub/sub channel of ``facility`` for ``audience``."""
+    if audience.kind is Kind.BROADCAST:
+        return "{%s:%s:broadcast}" % (prefix, facility)
+    if not audience.name:
+        raise ValueError(f"a {audience.kind.value} audience needs a name")
+    return "{%s:%s:%s:%s}" % (
+        prefix,
+        facility,
+        audience.kind.value,
+        quote(audience.name, safe=_AUDIENCE_SAFE),
+    )
+
+
+def parse_channel(channel: str) -> tuple[str, str, Audience]:
+    """Split a Redis channel name into prefix, facility and audience."""
+    if not (channel.startswith("{") and channel.endswith("}")):
+        raise ValueError(f"not a channel name: {channel!r}")
+    parts = channel[1:-1].split(":", 3)
+    if len(parts) == 3 and parts[2] == "broadcast":
+        return parts[0], parts[1], Audience(Kind.BROADCAST)
+    if len(parts) == 4 and parts[2] in ("user", "group", "session"):
+        return parts[0], parts[1], Audience(Kind(parts[2]), unquote(parts[3]))
+    raise ValueError(f"not a channel name: {channel!r}")
+
+
+def channel_label(channel: str) -> str:
+    """Return the client-facing label of a Redis channel name."""
+    return parse_channel(channel)[2].label
+
+
+def meta_key(channel: str) -> str:
+    """Return the key of the hash holding a channel's epoch and last offset."""
+    return channel + ":meta"
+
+
+def log_key(channel: str) -> str:
+    """Return the key of the stream holding a channel's bounded history."""
+    return channel + ":log"
+
+
+# --------------------------------------------------------------------------- query
+
+SUBSCRIBE_FLAGS = {
+    "subscribe-broadcast": Kind.BROADCAST,
+    "subscribe-user": Kind.USER,
+    "subscribe-group": Kind.GROUP,
+    "subscribe-session": Kind.SESSION,
+}
+PUBLISH_FLAGS = {
+    "publish-broadcast": Kind.BROADCAST,
+    "publish-user": Kind.USER,
+    "publish-group": Kind.GROUP,
+    "publish-session": Kind.SESSION,
+}
+OTHER_FLAGS = ("echo", "latest")
+MAX_QUERY_LENGTH = 8192
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a client stands in one channel: the last offset seen, in an epoch."""
+
+    offset: int
+    epoch: str
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a client asked for in the query string of its websocket URL."""
+
+    subscribe: frozenset[Kind] = frozenset()
+    publish: frozenset[Kind] = frozenset()
+    echo: bool = False
+    latest: bool = False
+    recover: Mapping[str, Position] = field(default_factory=dict)
+
+
+def parse_query(query: str) -> Request:
+    """Parse a ws4redis-style query string, e.g. ``subscribe-user&publish-broadcast&echo``.
+
+    ``recover`` carries the positions a reconnecting client last saw, as JSON:
+    ``recover={"broadcast":[12,"1700000000.123"]}`` (URL-encoded).
+
+    Raises:
+        BadRequest: unknown or repeated parameters, values on flags, a bad
+            ``recover`` document, or a request that neither subscribes nor publishes.
+    """
+    if len(query) > MAX_QUERY_LENGTH:
+        raise BadRequest(f"query string longer than {MAX_QUERY_LENGTH} characters")
+    seen: set[str] = set()
+    subscribe: set[Kind] = set()
+    publish: set[Kind] = set()
+    flags: set[str] = set()
+    recover: dict[str, Position] = {}
+    for part in query.split("&"):
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        name = unquote_plus(name)
+        if name in seen:
+            raise BadRequest(f"query parameter {name!r} given twice")
+        seen.add(name)
+        if name == "recover":
+            recover = _parse_positions(unquote_plus(value))
+            continue
+        if value:
+            raise BadRequest(f"query parameter {name!r} takes no value")
+        if name in SUBSCRIBE_FLAGS:
+            subscribe.add(SUBSCRIBE_FLAGS[name])
+        elif name in PUBLISH_FLAGS:
+            publish.add(PUBLISH_FLAGS[name])
+        elif name in OTHER_FLAGS:
+            flags.add(name)
+        else:
+            shown = name if len(name) <= 40 else name[:40] + "..."
+            raise BadRequest(
+                f"unknown query parameter {shown!r}; expected subscribe-*, publish-* "
+                "(broadcast, user, group, session), echo, latest or recover"
+            )
+    if not subscribe and not publish:
+        raise BadRequest(
+            "nothing requested: add subscribe-broadcast, subscribe-user, subscribe-group, "
+            "subscribe-session or a publish-* parameter to the query string"
+        )
+    return Request(
+        subscribe=frozenset(subscribe),
+        publish=frozenset(publish),
+        echo="echo" in flags,
+        latest="latest" in flags,
+        recover=recover,
+    )
+
+
+def _parse_positions(text: str) -> dict[str, Position]:
+    try:
+        document = json.loads(text)
+    except ValueError:
+        raise BadRequest("recover must be a JSON object") from None
+    if not isinstance(document, dict) or len(document) > 256:
+        raise BadRequest("recover must be a JSON object of at most 256 channels")
+    positions = {}
+    for label, value in document.items():
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or type(value[0]) is not int
+            or not isinstance(value[1], str)
+            or value[0] < 0
+            or len(value[1]) > 64
+        ):
+            raise BadRequest(
+                'recover entries must look like "channel": [offset, "epoch"] '
+                "with a non-negative integer offset"
+            )
+        positions[label] = Position(value[0], value[1])
+    return positions
+
+
+# --------------------------------------------------------------------------- ticket
+
+TICKET_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-connection limits, decided by the Django side and carried in the ticket."""
+
+    max_message_size: int = 65536
+    rate: float = 10.0
+    burst: int = 20
+    queue_messages: int = 1000
+    queue_bytes: int = 1 << 20
+    heartbeat: float = 20.0
+    history_size: int = 100
+    history_ttl: float = 900.0
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """Everything the websocket instance needs to serve one connection.
+
+    Django signs it after authenticating and authorizing the request; the websocket
+    instance trusts nothing else about the connection.
+
+    Attributes:
+        subscribe: client label -> Redis channel, for every channel to listen on.
+        publish: Redis channels the client may publish its own frames to.
+        echo: deliver the client's own publications back to it.
+        latest: on connect, send the last message kept in each channel's history.
+        recover: client label -> position to resume from.
+        identity: who this is, for logs only (``user:alice``, ``anonymous``).
+        limits: the connection's limits.
+        expires: Unix time after which the ticket is refused.
+    """
+
+    subscribe: Mapping[str, str]
+    publish: tuple[str, ...] = ()
+    echo: bool = False
+    latest: bool = False
+    recover: Mapping[str, Position] = field(default_factory=dict)
+    identity: str = "anonymous"
+    limits: Limits = field(default_factory=Limits)
+    expires: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": TICKET_VERSION,
+            "s": dict(self.subscribe),
+            "p": list(self.publish),
+            "e": self.echo,
+            "l": self.latest,
+            "r": {k: [p.offset, p.epoch] for k, p in self.recover.items()},
+            "i": self.identity,
+            "m": [
+                self.limits.max_message_size,
+                self.limits.rate,
+                self.limits.burst,
+                self.limits.queue_messages,
+                self.limits.queue_bytes,
+                self.limits.heartbeat,
+                self.limits.history_size,
+                self.limits.history_ttl,
+            ],
+            "x": self.expires,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Ticket:
+        if data.get("v") != TICKET_VERSION:
+            raise TicketError("unsupported ticket version")
+        try:
+            return cls(
+                subscribe={str(k): str(v) for k, v in data["s"].items()},
+                publish=tuple(str(c) for c in data["p"]),
+                echo=bool(data["e"]),
+                latest=bool(data["l"]),
+                recover={str(k): Position(int(v[0]), str(v[1])) for k, v in data["r"].items()},
+                identity=str(data["i"]),
+                limits=Limits(*data["m"]),
+                expires=float(data["x"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+            raise TicketError("malformed ticket") from None
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _mac(secret: bytes, body: str) -> str:
+    return _b64(hmac.new(secret, b"django-ws-ticket:" + body.encode("ascii"), hashlib.sha256).digest())
+
+
+def sign_ticket(ticket: Ticket, secret: bytes) -> str:
+    """Serialise and sign ``ticket`` with HMAC-SHA256."""
+    if not secret:
+        raise ValueError("the ticket secret must not be empty")
+    body = _b64(json.dumps(ticket.to_dict(), separators=(",", ":")).encode("utf-8"))
+    return body + "." + _mac(secret, body)
+
+
+def verify_ticket(
+    token: str | None, secret: bytes, *, now: float | None = None, leeway: float = 5.0
+) -> Ticket:
+    """Check the signature and expiry of a ticket and return it.
+
+    Args:
+        token: the signed ticket, or None when the request carried none.
+        secret: the shared secret of the Django side and the websocket instance.
+        now: the current Unix time (for tests).
+        leeway: seconds of clock skew tolerated between hosts.
+
+    Raises:
+        TicketError: missing, malformed, forged or expired ticket.
+    """
+    if not token:
+        raise TicketError("missing ticket")
+    if len(token) > 65536:
+        raise TicketError("malformed ticket")
+    body, sep, mac = token.partition(".")
+    if not sep or not body or not mac:
+        raise TicketError("malformed ticket")
+    try:
+        expected = _mac(secret, body)
+    except (UnicodeEncodeError, ValueError):
+        raise TicketError("malformed ticket") from None
+    if not hmac.compare_digest(expected, mac):
+        raise TicketError("bad ticket signature")
+    try:
+        data = json.loads(_unb64(body))
+    except ValueError:
+        raise TicketError("malformed ticket") from None
+    if not isinstance(data, dict):
+        raise TicketError("malformed ticket")
+    ticket = Ticket.from_dict(data)
+    if (time.time() if now is None else now) > ticket.expires + leeway:
+        raise TicketError("expired ticket")
+    return ticket
+
+
+# --------------------------------------------------------------------------- envelope
+
+KIND_TEXT = b"t"
+KIND_JSON = b"j"
+KIND_BINARY = b"b"
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One published message as Redis carries and keeps it."""
+
+    sender: bytes
+    kind: bytes
+    offset: int
+    epoch: str
+    payload: bytes
+
+
+def encode_payload(message: Any) -> tuple[bytes, bytes]:
+    """Return (kind, payload bytes) for a message given to ``publish``.
+
+    str is sent as text, bytes/bytearray/memoryview as binary, and anything else
+    as JSON.
+
+    Raises:
+        TypeError: the message is neither text, bytes nor JSON-serialisable.
+    """
+    if isinstance(message, str):
+        return KIND_TEXT, message.encode("utf-8")
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        return KIND_BINARY, bytes(message)
+    try:
+        text = json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"cannot publish a {type(message).__name__}: pass str, bytes or a "
+            f"JSON-serialisable value ({exc})"
+        ) from None
+    return KIND_JSON, text.encode("utf-8")
+
+
+def decode_envelope(raw: bytes) -> Envelope:
+    """Parse an envelope built by the publish script.
+
+    Raises:
+        ValueError: ``raw`` is not an envelope.
+    """
+    parts = raw.split(b"\n", 4)
+    if len(parts) != 5 or parts[1] not in (KIND_TEXT, KIND_JSON, KIND_BINARY):
+        raise ValueError("not an envelope")
+    return Envelope(parts[0], parts[1], int(parts[2]), parts[3].decode("ascii"), parts[4])
+
+
+# --------------------------------------------------------------------------- frames
+
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+
+
+def frame(opcode: int, payload: bytes) -> bytes:
+    """Return one complete, unmasked server-to-client websocket frame."""
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", 0x80 | opcode, n)
+    elif n < 65536:
+        header = struct.pack("!BBH", 0x80 | opcode, 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 127, n)
+    return header + payload
+
+
+def text_frame(document: Mapping[str, Any]) -> bytes:
+    """Return a text frame carrying ``document`` as compact JSON."""
+    return frame(OP_TEXT, json.dumps(document, separators=(",", ":")).encode("utf-8"))
+
+
+def client_frame(label: str, envelope: Envelope) -> bytes:
+    """Return the websocket frame that delivers ``envelope`` on channel ``label``.
+
+    The result does not depend on the receiver, so the Hub builds it once per
+    message and every subscribed connection sends the same bytes.
+    """
+    if envelope.kind == KIND_BINARY:
+        header = json.dumps(
+            {"type": "message", "channel": label, "offset": envelope.offset, "epoch": envelope.epoch},
+            separators=(",", ":"),
+        ).encode("utf-8")
+        return frame(OP_BINARY, struct.pack("!H", len(header)) + header + envelope.payload)
+    if envelope.kind == KIND_JSON:
+        data = envelope.payload
+    else:
+        data = json.dumps(envelope.payload.decode("utf-8"), ensure_ascii=False).encode("utf-8")
+    head = json.dumps(
+        {"type": "message", "channel": label, "offset": envelope.offset, "epoch": envelope.epoch},
+        separators=(",", ":"),
+    ).encode("utf-8")
+    # Splice the data in as raw JSON: it is already encoded, by the publisher.
+    return frame(OP_TEXT, head[:-1] + b',"data":' + data + b"}")
+
+
+def parse_binary_message(payload: bytes) -> tuple[dict[str, Any], bytes]:
+    """Split a binary message frame's payload into its JSON header and data."""
+    if len(payload) < 2:
+        raise ValueError("binary message too short")
+    (n,) = struct.unpack("!H", payload[:2])
+    return json.loads(payload[2 : 2 + n]), payload[2 + n :]
+
+
+# --------------------------------------------------------------------------- recovery
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """The outcome of resuming one channel.
+
+    Attributes:
+        recovered: every missed message is in ``envelopes`` (None: nothing was asked).
+        envelopes: the messages to deliver, in order.
+        position: where the client stands after them.
+    """
+
+    recovered: bool | None
+    envelopes: tuple[Envelope, ...]
+    position: Position
+
+
+def decide_recovery(
+    since: Position | None,
+    epoch: str | None,
+    top: int,
+    history: Iterable[Envelope],
+    *,
+    latest: bool = False,
+) -> Recovery:
+    """Decide what a (re)connecting client receives on one channel.
+
+    Args:
+        since: the position the client last saw, or None on a first connection.
+        epoch: the channel's current epoch, or None if Redis holds nothing for it.
+        top: the channel's current last offset (0 when ``epoch`` is None).
+        history: the kept messages after ``since`` (or the last one, for
+            ``latest``), oldest first, as read atomically with ``epoch`` and ``top``.
+        latest: on a first connection, deliver the last kept message.
+
+    A client that saw nothing (offset 0) accepts any epoch: everything from offset 1
+    must then be in the history. Otherwise the epochs must match and the history
+    must hold every offset after ``since``, without a gap.
+    """
+    current = Position(top, epoch or "")
+    entries = tuple(history)
+    if since is None:
+        if latest and entries:
+            return Recovery(None, entries[-1:], current)
+        return Recovery(None, (), current)
+    if epoch is None:
+        return Recovery(since.offset == 0, (), current)
+    if since.offset and since.epoch != epoch:
+        return Recovery(False, (), current)
+    if since.offset > top:
+        return Recovery(False, (), current)
+    wanted = [e for e in entries if e.offset > since.offset]
+    expected = list(range(since.offset + 1, top + 1))
+    if [e.offset for e in wanted] != expected:
+        return Recovery(False, (), current)
+    return Recovery(True, tuple(wanted), current)
+
+
+# --------------------------------------------------------------------------- limits
+
+
+class RateLimiter:
+    """A token bucket: ``rate`` messages per second with bursts of ``burst``."""
+
+    __slots__ = ("rate", "burst", "_tokens", "_stamp")
+
+    def __init__(self, rate: float, burst: int, *, now: float = 0.0) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._stamp = now
+
+    def allow(self, now: float) -> bool:
+        """Take one token if one is available at time ``now``."""
+        if self.rate <= 0:
+            return True
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+# --------------------------------------------------------------------------- handshake
+
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def check_handshake(method: str, headers: Mapping[str, str]) -> str:
+    """Check the headers of a websocket opening handshake and return the key.
+
+    ``headers`` maps WSGI names (``HTTP_UPGRADE``) to values.
+
+    Raises:
+        BadRequest: with status 405 (method), 426 (not an upgrade or a version
+            other than 13) or 400 (missing or malformed key).
+    """
+    if method != "GET":
+        raise BadRequest("websocket handshakes use GET", status=405)
+    if headers.get("HTTP_UPGRADE", "").strip().lower() != "websocket":
+        raise BadRequest(
+            "this URL serves websockets: send an 'Upgrade: websocket' handshake", status=426
+        )
+    tokens = {t.strip().lower() for t in headers.get("HTTP_CONNECTION", "").split(",")}
+    if "upgrade" not in tokens:
+        raise BadRequest("the handshake needs 'Connection: Upgrade'", status=400)
+    if headers.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != "13":
+        raise BadRequest("unsupported websocket version: use 13", status=426)
+    key = headers.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
+    try:
+        raw = base64.b64decode(key.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        raw = b""
+    if len(raw) != 16:
+        raise BadRequest("missing or malformed Sec-WebSocket-Key", status=400)
+    return key
+
+
+def accept_key(key: str) -> str:
+    """Return the Sec-WebSocket-Accept value answering ``key``."""
+    digest = hashlib.sha1((key + WEBSOCKET_GUID).encode("ascii")).digest()
+    return base64.b64encode(digest).decode("ascii")

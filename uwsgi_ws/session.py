@@ -1,0 +1,302 @@
+"""One websocket connection: framing, subscriptions, recovery, client publishes.
+
+The session reads client frames with wsproto (a sans-I/O websocket library: UTF-8
+validation, fragmentation, close handshake) and writes server frames itself, since
+a delivered message is framed once by the Hub and the same bytes go to every
+subscriber.
+
+Close codes used (besides the standard ones wsproto picks for protocol errors):
+
+    1000  normal closure
+    1008  policy violation: a message too large for MAX_MESSAGE_SIZE
+    1011  internal error
+    1013  try again later: Redis did not confirm the subscriptions in time
+    4008  slow consumer: the send queue exceeded its bounds; reconnect and recover
+    4009  heartbeat timeout: the client answered nothing for three intervals
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable
+
+import gevent
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.frame_protocol import CloseReason
+
+from .exceptions import PublishError
+from .hub import Hub, SubscribeTimeout
+from .protocol import (
+    KIND_BINARY,
+    KIND_TEXT,
+    Envelope,
+    Position,
+    RateLimiter,
+    Ticket,
+    client_frame,
+    decide_recovery,
+    text_frame,
+)
+from .store import Store
+from .transport import Transport
+
+logger = logging.getLogger(__name__)
+
+CLOSE_SLOW_CONSUMER = 4008
+CLOSE_HEARTBEAT_TIMEOUT = 4009
+HEARTBEAT_FRAME = text_frame({"type": "heartbeat"})
+
+
+class Session:
+    """Serve one websocket until it closes.
+
+    Args:
+        ticket: what the connection may do, as signed by Django.
+        transport: the byte transport of the connection.
+        hub: the worker's Hub.
+        store: Redis access for publishing and history.
+        subscribe_timeout: seconds to wait for Redis to confirm subscriptions.
+        clock: monotonic clock (for tests).
+    """
+
+    def __init__(
+        self,
+        ticket: Ticket,
+        transport: Transport,
+        hub: Hub,
+        store: Store,
+        *,
+        subscribe_timeout: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ticket = ticket
+        self.transport = transport
+        self.hub = hub
+        self.store = store
+        self.id = os.urandom(8).hex().encode("ascii")
+        self._subscribe_timeout = subscribe_timeout
+        self._clock = clock
+        self._ws = Connection(ConnectionType.SERVER)
+        self._labels = {channel: label for label, channel in ticket.subscribe.items()}
+        # channel -> (epoch, offset) of the last message delivered on it
+        self._positions: dict[str, tuple[str, int]] = {}
+        # channels being (re)synchronised from history: live messages wait here
+        self._held: dict[str, list[Envelope | tuple[Envelope, bytes]]] = {}
+        self._limiter = RateLimiter(ticket.limits.rate, ticket.limits.burst, now=clock())
+        self._incoming: list[bytes | str] = []
+        self._incoming_size = 0
+        self._closing = False
+
+    # ----------------------------------------------------------------- main loop
+
+    def run(self) -> None:
+        """Serve the connection until either side closes it."""
+        channels = list(self._labels)
+        try:
+            for channel in channels:
+                self._held[channel] = []
+            if channels:
+                try:
+                    self.hub.subscribe(self, channels, timeout=self._subscribe_timeout)
+                except SubscribeTimeout:
+                    logger.warning("Redis did not confirm subscriptions for %s", self.ticket.identity)
+                    self.close(1013, "try again later")
+                    return
+            self._synchronise(channels, first=True)
+            self.transport.send(text_frame({"type": "ready"}))
+            self._loop()
+        except gevent.GreenletExit:
+            raise
+        except Exception:
+            logger.exception("websocket session of %s failed", self.ticket.identity)
+            self.close(1011, "internal error")
+        finally:
+            if channels:
+                self.hub.unsubscribe(self, channels)
+            self.transport.close()
+
+    def _loop(self) -> None:
+        interval = self.ticket.limits.heartbeat
+        now = self._clock()
+        last_heard = now
+        next_beat = now + interval
+        transport = self.transport
+        while not transport.closed and not self._closing:
+            data = transport.recv(max(0.0, next_beat - now))
+            now = self._clock()
+            if data == b"":
+                break
+            if data:
+                last_heard = now
+                self._ws.receive_data(data)
+                self._handle_events()
+            if now >= next_beat:
+                if now - last_heard > 3 * interval:
+                    logger.info("closing silent websocket of %s", self.ticket.identity)
+                    self.close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
+                    break
+                # The ping is answered by any client library; the heartbeat frame is
+                # for browsers, whose scripts never see pings.
+                self._send_event(Ping(b""))
+                transport.send(HEARTBEAT_FRAME)
+                next_beat = now + interval
+
+    def _handle_events(self) -> None:
+        for event in self._ws.events():
+            if isinstance(event, (TextMessage, BytesMessage)):
+                self._on_data(event)
+            elif isinstance(event, Ping):
+                self._send_event(event.response())
+            elif isinstance(event, CloseConnection):
+                if self._ws.state is ConnectionState.REMOTE_CLOSING:
+                    self._send_event(event.response())
+                self._closing = True
+                self.transport.drain(2.0)
+                return
+            if self._closing:
+                return
+
+    def _send_event(self, event: object) -> None:
+        try:
+            self.transport.send(self._ws.send(event))
+        except Exception:  # wsproto refuses sends in a closing state
+            logger.debug("not sending %r in state %s", event, self._ws.state)
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Send a close frame (after anything already partly written) and stop."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._ws.state is ConnectionState.OPEN:
+            self._send_event(CloseConnection(code, reason))
+        self.transport.drain(2.0)
+
+    # ----------------------------------------------------------------- client frames
+
+    def _on_data(self, event: TextMessage | BytesMessage) -> None:
+        chunk = event.data
+        self._incoming_size += len(chunk.encode("utf-8")) if isinstance(chunk, str) else len(chunk)
+        if self._incoming_size > self.ticket.limits.max_message_size:
+            logger.info("message from %s exceeds %d bytes", self.ticket.identity, self.ticket.limits.max_message_size)
+            self.close(CloseReason.POLICY_VIOLATION, "message too large")
+            return
+        self._incoming.append(chunk)
+        if not event.message_finished:
+            return
+        parts, self._incoming, self._incoming_size = self._incoming, [], 0
+        if isinstance(event, TextMessage):
+            kind, payload = KIND_TEXT, "".join(parts).encode("utf-8")  # type: ignore[arg-type]
+        else:
+            kind, payload = KIND_BINARY, b"".join(parts)  # type: ignore[arg-type]
+        self._publish(kind, payload)
+
+    def _publish(self, kind: bytes, payload: bytes) -> None:
+        if not self.ticket.publish:
+            self._error("this connection may not publish")
+            return
+        if not self._limiter.allow(self._clock()):
+            self._error("rate limit exceeded: message dropped")
+            return
+        limits = self.ticket.limits
+        try:
+            self.store.publish(
+                self.ticket.publish,
+                kind,
+                payload,
+                sender=self.id,
+                history_size=limits.history_size,
+                history_ttl=limits.history_ttl,
+            )
+        except PublishError as exc:
+            logger.error("publish from %s failed: %s", self.ticket.identity, exc)
+            self._error("message not published: server unavailable")
+
+    def _error(self, text: str) -> None:
+        self.transport.send(text_frame({"type": "error", "error": text}))
+
+    # ----------------------------------------------------------------- delivery
+
+    def deliver(self, channel: str, envelope: Envelope, frame: bytes) -> None:
+        """Take one live message from the Hub (never blocks)."""
+        held = self._held.get(channel)
+        if held is not None:
+            held.append((envelope, frame))
+            return
+        self._deliver(channel, envelope, frame)
+
+    def _deliver(self, channel: str, envelope: Envelope, frame: bytes) -> None:
+        position = self._positions.get(channel)
+        if position is not None and position[0] == envelope.epoch and envelope.offset <= position[1]:
+            return  # already delivered, from history
+        self._positions[channel] = (envelope.epoch, envelope.offset)
+        if envelope.sender == self.id and not self.ticket.echo:
+            return
+        transport = self.transport
+        transport.send(frame)
+        limits = self.ticket.limits
+        if transport.queued_bytes > limits.queue_bytes or transport.queued_messages > limits.queue_messages:
+            self._overflow()
+
+    def _overflow(self) -> None:
+        if self._closing:
+            return
+        logger.warning(
+            "closing slow consumer %s: %d bytes in %d chunks waiting",
+            self.ticket.identity,
+            self.transport.queued_bytes,
+            self.transport.queued_messages,
+        )
+        self.transport.discard_queued()
+        self._closing = True
+        self._send_event(CloseConnection(CLOSE_SLOW_CONSUMER, "slow consumer"))
+
+    def resync(self, channel: str) -> None:
+        """Recover ``channel`` from history after the Hub reconnected (never blocks)."""
+        if channel in self._held or self._closing:
+            return
+        self._held[channel] = []
+        gevent.spawn(self._resync, channel)
+
+    def _resync(self, channel: str) -> None:
+        try:
+            self._synchronise([channel], first=False)
+        except Exception:
+            logger.exception("could not resynchronise %s for %s", channel, self.ticket.identity)
+            self.close(1011, "internal error")
+
+    def _synchronise(self, channels: list[str], *, first: bool) -> None:
+        """Deliver what history holds for ``channels``, then release held messages."""
+        requests = []
+        for channel in channels:
+            label = self._labels[channel]
+            if first:
+                since = self.ticket.recover.get(label)
+            else:
+                epoch, offset = self._positions.get(channel, ("", 0))
+                since = Position(offset, epoch)
+            requests.append((channel, since, self.ticket.latest and first))
+        states = self.store.fetch(requests)
+        for (channel, since, latest), state in zip(requests, states):
+            label = self._labels[channel]
+            outcome = decide_recovery(since, state.epoch, state.top, state.history, latest=latest)
+            for envelope in outcome.envelopes:
+                if envelope.sender != self.id or self.ticket.echo:
+                    self.transport.send(client_frame(label, envelope))
+            self._positions[channel] = (outcome.position.epoch, outcome.position.offset)
+            self.transport.send(
+                text_frame(
+                    {
+                        "type": "subscribed",
+                        "channel": label,
+                        "offset": outcome.position.offset,
+                        "epoch": outcome.position.epoch,
+                        "recovered": outcome.recovered,
+                    }
+                )
+            )
+            for envelope, frame in self._held.pop(channel, []):
+                self._deliver(channel, envelope, frame)
+

@@ -1,0 +1,197 @@
+"""Redis access shared by both sides: publishing with history, and reading it back.
+
+Each logical channel's keys share one hash tag (see :mod:`uwsgi_ws.protocol`), so
+each script below touches a single Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import redis
+from redis.exceptions import NoScriptError, RedisError
+
+from .exceptions import PublishError
+from .protocol import Envelope, Position, decode_envelope, log_key, meta_key
+
+logger = logging.getLogger(__name__)
+
+# KEYS: meta hash, history stream, pub/sub channel.
+# ARGV: sender, kind, payload, history size, ttl in ms, publish command.
+# A missing meta hash means the channel is new or Redis lost it: start a new epoch
+# (from the server clock, so it differs after a restart) and drop any stale history,
+# whose ids would otherwise collide with the restarted offsets.
+PUBLISH_LUA = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  local t = redis.call('TIME')
+  epoch = t[1] .. '.' .. t[2]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
+local envelope = ARGV[1] .. '\\n' .. ARGV[2] .. '\\n' .. offset .. '\\n' .. epoch .. '\\n' .. ARGV[3]
+local size = tonumber(ARGV[4])
+if size > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-0', 'e', envelope)
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+local receivers = redis.call(ARGV[6], KEYS[3], envelope)
+return {offset, epoch, receivers}
+"""
+
+# KEYS: meta hash, history stream. ARGV: offset to read after, or -1 for the last entry.
+# Reads the epoch, the last offset and the history in one atomic step, so a message
+# published meanwhile is either in the answer or arrives later over pub/sub.
+FETCH_LUA = """
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'offset')
+if not meta[1] then
+  return {false, 0, {}}
+end
+local since = tonumber(ARGV[1])
+local entries
+if since < 0 then
+  entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+else
+  entries = redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+')
+end
+local out = {}
+for i, entry in ipairs(entries) do
+  out[i] = entry[2][2]
+end
+return {meta[1], tonumber(meta[2]), out}
+"""
+
+
+@dataclass(frozen=True)
+class Published:
+    """Where one message landed: its channel, offset and epoch, and live receivers."""
+
+    channel: str
+    offset: int
+    epoch: str
+    receivers: int
+
+
+@dataclass(frozen=True)
+class ChannelState:
+    """A channel's epoch (None if Redis holds nothing), last offset and kept history."""
+
+    epoch: str | None
+    top: int
+    history: tuple[Envelope, ...]
+
+
+class _Script:
+    """A Lua script run with EVALSHA, loaded on the first NOSCRIPT answer."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+
+    def run_many(self, client: redis.Redis, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """Run the script once per (keys, args), in one round trip when it is loaded."""
+        if not calls:
+            return []
+        results = self._pipeline(client, calls)
+        if any(isinstance(r, NoScriptError) for r in results):
+            client.script_load(self.source)
+            results = self._pipeline(client, calls)
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return results
+
+    def _pipeline(self, client: redis.Redis, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        return pipe.execute(raise_on_error=False)
+
+
+_PUBLISH = _Script(PUBLISH_LUA)
+_FETCH = _Script(FETCH_LUA)
+
+
+class Store:
+    """Publishes to channels and reads their history, through one Redis client.
+
+    Args:
+        client: a redis-py client (its pool bounds the connections used).
+        publish_command: ``PUBLISH``, or ``SPUBLISH`` on a Redis Cluster.
+    """
+
+    def __init__(self, client: redis.Redis, *, publish_command: str = "PUBLISH") -> None:
+        self.client = client
+        self.publish_command = publish_command
+
+    def publish(
+        self,
+        channels: Iterable[str],
+        kind: bytes,
+        payload: bytes,
+        *,
+        sender: bytes = b"",
+        history_size: int,
+        history_ttl: float,
+    ) -> list[Published]:
+        """Append to each channel's history and publish, in one round trip.
+
+        Raises:
+            PublishError: Redis could not be reached or refused the message.
+        """
+        channels = list(dict.fromkeys(channels))
+        ttl_ms = max(1, int(history_ttl * 1000))
+        calls = [
+            (
+                (meta_key(c), log_key(c), c),
+                (sender, kind, payload, max(0, int(history_size)), ttl_ms, self.publish_command),
+            )
+            for c in channels
+        ]
+        try:
+            results = _PUBLISH.run_many(self.client, calls)
+        except RedisError as exc:
+            raise PublishError(
+                f"could not publish to {len(channels)} channel(s): Redis error "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return [
+            Published(c, int(r[0]), _text(r[1]), int(r[2])) for c, r in zip(channels, results)
+        ]
+
+    def fetch(self, requests: Sequence[tuple[str, Position | None, bool]]) -> list[ChannelState]:
+        """Read the state of several channels in one round trip.
+
+        Each request is (channel, position to read after or None, latest). With no
+        position and ``latest`` false no history is read; with ``latest`` the last
+        kept message is read.
+        """
+        calls = []
+        for channel, since, latest in requests:
+            if since is not None:
+                after = since.offset
+            elif latest:
+                after = -1
+            else:
+                after = 1 << 62  # past any offset: only the epoch and top are read
+            calls.append(((meta_key(channel), log_key(channel)), (after,)))
+        results = _FETCH.run_many(self.client, calls)
+        states = []
+        for epoch, top, entries in results:
+            history = []
+            for raw in entries:
+                try:
+                    history.append(decode_envelope(raw))
+                except ValueError:
+                    logger.warning("ignoring a malformed history entry")
+            states.append(ChannelState(_text(epoch) if epoch else None, int(top or 0), tuple(history)))
+        return states
+
+
+def _text(value: Any) -> str:
+    return value.decode("ascii") if isinstance(value, bytes) else str(value)

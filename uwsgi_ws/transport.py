@@ -1,0 +1,176 @@
+"""Byte transports under a websocket session.
+
+A transport moves raw bytes; the websocket framing is the session's business. The
+gevent transport works on the file descriptor uWSGI hands over after the handshake,
+in non-blocking mode: writes never block the caller (the Hub calls them for every
+subscriber), and what the kernel does not take at once waits in a bounded queue
+that a write watcher drains.
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+from typing import Protocol
+
+import gevent
+import gevent.socket
+from gevent.event import Event
+
+
+class Transport(Protocol):
+    """What a session needs from the connection under it."""
+
+    closed: bool
+
+    def recv(self, timeout: float) -> bytes | None:
+        """Return received bytes, b"" at end of stream, None after ``timeout`` seconds."""
+
+    def send(self, data: bytes) -> None:
+        """Queue ``data`` for sending without blocking."""
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes accepted by ``send`` and not yet written to the socket."""
+
+    @property
+    def queued_messages(self) -> int:
+        """Chunks accepted by ``send`` and not yet fully written."""
+
+    def discard_queued(self) -> None:
+        """Drop every queued chunk that has not started to be written."""
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until everything queued is written; False on timeout or error."""
+
+    def close(self) -> None:
+        """Stop using the connection."""
+
+
+class _Timeout(Exception):
+    pass
+
+
+class GeventSocketTransport:
+    """A non-blocking transport over a socket file descriptor, for gevent.
+
+    Args:
+        fd: the connected socket's file descriptor.
+        owns_fd: close the descriptor in ``close()``; uWSGI closes its own, so the
+            websocket application leaves it open.
+    """
+
+    def __init__(self, fd: int, *, owns_fd: bool = False) -> None:
+        self._sock = socket.socket(fileno=fd)
+        self._sock.setblocking(False)
+        self._owns_fd = owns_fd
+        loop = gevent.get_hub().loop
+        self._read_watcher = loop.io(fd, 1)
+        self._write_watcher = loop.io(fd, 2)
+        self._queue: collections.deque[memoryview] = collections.deque()
+        self._queued = 0
+        self._head_started = False
+        self._drained: Event | None = None
+        self.closed = False
+        self._released = False
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued
+
+    @property
+    def queued_messages(self) -> int:
+        return len(self._queue)
+
+    def recv(self, timeout: float) -> bytes | None:
+        while not self.closed:
+            try:
+                return self._sock.recv(65536)
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.closed = True
+                return b""
+            try:
+                gevent.socket.wait(self._read_watcher, timeout, _Timeout)
+            except _Timeout:
+                return None
+        return b""
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self._queue:
+            self._queue.append(memoryview(data))
+            self._queued += len(data)
+            return
+        try:
+            sent = self._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._fail()
+            return
+        if sent < len(data):
+            rest = memoryview(data)[sent:]
+            self._queue.append(rest)
+            self._queued += len(rest)
+            self._head_started = sent > 0
+            self._write_watcher.start(self._on_writable)
+
+    def _on_writable(self) -> None:
+        # Runs as a loop callback in the gevent hub: only non-blocking calls here.
+        queue = self._queue
+        while queue:
+            chunk = queue[0]
+            try:
+                sent = self._sock.send(chunk)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._fail()
+                return
+            self._queued -= sent
+            if sent < len(chunk):
+                queue[0] = chunk[sent:]
+                self._head_started = True
+                return
+            queue.popleft()
+            self._head_started = False
+        self._write_watcher.stop()
+        if self._drained is not None:
+            self._drained.set()
+
+    def discard_queued(self) -> None:
+        keep = 1 if self._head_started and self._queue else 0
+        while len(self._queue) > keep:
+            self._queued -= len(self._queue.pop())
+
+    def drain(self, timeout: float) -> bool:
+        if not self._queue:
+            return not self.closed
+        self._drained = Event()
+        self._drained.wait(timeout)
+        return not self._queue and not self.closed
+
+    def _fail(self) -> None:
+        self.closed = True
+        self._queue.clear()
+        self._queued = 0
+        self._write_watcher.stop()
+        # A broken socket also reads as ready, so the session's recv() notices.
+        if self._drained is not None:
+            self._drained.set()
+
+    def close(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self.closed = True
+        self._write_watcher.stop()
+        self._read_watcher.close()
+        self._write_watcher.close()
+        if self._owns_fd:
+            self._sock.close()
+        else:
+            self._sock.detach()
