@@ -110,7 +110,7 @@ class WebSocketMiddleware:
         """Pass the signed ticket to whatever serves the websocket."""
         if request.META.get(SERVER_KEY):
             request.META[TICKET_VAR] = token
-            return _plain(503, "the websocket server did not take the connection")
+            return _plain(202, "handed over to the websocket server")
         if conf.offload_to:
             try:
                 import uwsgi
@@ -119,8 +119,9 @@ class WebSocketMiddleware:
             if uwsgi is not None:
                 uwsgi.add_var(TICKET_VAR, token)
                 uwsgi.add_var(OFFLOAD_VAR, conf.offload_to)
-                # Only seen if the response routes of uwsgi.ini.example are missing.
-                return _plain(503, "websocket offloading is not configured on this server")
+                # The response routes of uwsgi.ini.example replace this response; a client
+                # only sees it if they are missing. Not a 5xx: Django would log every one.
+                return _plain(202, "websocket offloading is not configured on this server")
         logger.error(
             "no websocket server for %s: set DJANGO_WS['OFFLOAD_TO'] under uWSGI, or serve "
             "the project with django_ws.wsgi in single-instance mode",

@@ -28,7 +28,11 @@ def get_redis() -> redis.Redis:
             client = _clients.get(url)
             if client is None:
                 client = _clients[url] = redis.Redis.from_url(
-                    url, socket_timeout=5.0, socket_connect_timeout=5.0, health_check_interval=30
+                    url,
+                    socket_timeout=5.0,
+                    socket_connect_timeout=5.0,
+                    health_check_interval=30,
+                    client_name="django_ws:publish",
                 )
     return client
 

@@ -65,6 +65,7 @@ class WebSocketApplication:
                     socket_timeout=10.0,
                     socket_connect_timeout=5.0,
                     health_check_interval=30,
+                    client_name="django_ws:pool",
                 )
             )
             sub = "SSUBSCRIBE" if config.publish_command == "SPUBLISH" else "SUBSCRIBE"

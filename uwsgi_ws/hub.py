@@ -282,6 +282,7 @@ def connection_factory(url: str, *, ping_interval: float) -> Callable[[], Connec
         socket_connect_timeout=5.0,
         socket_keepalive=True,
         health_check_interval=0,
+        client_name="django_ws:hub",
     )
 
     def connect() -> Connection:
