@@ -95,7 +95,7 @@ class Audience:
 
 def validate_facility(facility: str) -> str:
     """Return ``facility`` if it is a valid facility name, else raise BadRequest."""
-    if not isinstance(facility, str) or not FACILITY_RE.match(facility) or ".." in facility:
+    if not isinstance(facility, str) or not FACILITY_RE.fullmatch(facility) or ".." in facility:
         raise BadRequest(
             "invalid facility name: use 1 to 64 characters among letters, digits, "
             "'_', '-' and '.', starting with a letter or digit, without '..'"
@@ -105,7 +105,7 @@ def validate_facility(facility: str) -> str:
 
 def validate_prefix(prefix: str) -> str:
     """Return ``prefix`` if it can be used as the Redis name prefix, else raise ValueError."""
-    if not isinstance(prefix, str) or not PREFIX_RE.match(prefix):
+    if not isinstance(prefix, str) or not PREFIX_RE.fullmatch(prefix):
         raise ValueError(
             f"invalid key prefix {prefix!r}: use 1 to 32 letters, digits, '_', '-' or '.'"
         )

@@ -33,10 +33,12 @@ if not epoch then
   redis.call('HSET', KEYS[1], 'epoch', epoch)
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
-local envelope = ARGV[1] .. '\\n' .. ARGV[2] .. '\\n' .. offset .. '\\n' .. epoch .. '\\n' .. ARGV[3]
+-- string.format keeps large offsets out of Lua's exponent notation
+local id = string.format('%d', offset)
+local envelope = ARGV[1] .. '\\n' .. ARGV[2] .. '\\n' .. id .. '\\n' .. epoch .. '\\n' .. ARGV[3]
 local size = tonumber(ARGV[4])
 if size > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-0', 'e', envelope)
+  redis.call('XADD', KEYS[2], 'MAXLEN', size, id .. '-0', 'e', envelope)
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
@@ -44,7 +46,8 @@ local receivers = redis.call(ARGV[6], KEYS[3], envelope)
 return {offset, epoch, receivers}
 """
 
-# KEYS: meta hash, history stream. ARGV: offset to read after, or -1 for the last entry.
+# KEYS: meta hash, history stream.
+# ARGV: 'after' and the first stream id to read, 'latest' (the last entry) or 'none'.
 # Reads the epoch, the last offset and the history in one atomic step, so a message
 # published meanwhile is either in the answer or arrives later over pub/sub.
 FETCH_LUA = """
@@ -52,12 +55,11 @@ local meta = redis.call('HMGET', KEYS[1], 'epoch', 'offset')
 if not meta[1] then
   return {false, 0, {}}
 end
-local since = tonumber(ARGV[1])
-local entries
-if since < 0 then
+local entries = {}
+if ARGV[1] == 'latest' then
   entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-else
-  entries = redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+')
+elseif ARGV[1] == 'after' then
+  entries = redis.call('XRANGE', KEYS[2], ARGV[2], '+')
 end
 local out = {}
 for i, entry in ipairs(entries) do
@@ -174,12 +176,12 @@ class Store:
         calls = []
         for channel, since, latest in requests:
             if since is not None:
-                after = since.offset
+                args: tuple[Any, ...] = ("after", f"{since.offset + 1}-0")
             elif latest:
-                after = -1
+                args = ("latest",)
             else:
-                after = 1 << 62  # past any offset: only the epoch and top are read
-            calls.append(((meta_key(channel), log_key(channel)), (after,)))
+                args = ("none",)
+            calls.append(((meta_key(channel), log_key(channel)), args))
         results = _FETCH.run_many(self.client, calls)
         states = []
         for epoch, top, entries in results:

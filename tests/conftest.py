@@ -1,0 +1,348 @@
+"""Fixtures with real parts: a private redis-server, the example project, uWSGI stacks.
+
+Every wait polls a condition with a deadline; nothing sleeps for synchronisation.
+Each test uses its own facility name, so tests do not see each other's messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "example"
+BIN = Path(sys.executable).parent
+UWSGI = BIN / "uwsgi"
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+# The tests open more than a thousand sockets.
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if _soft < _hard:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], *, timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 15.0) -> None:
+    """Stop a process this suite started, by its id."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+@dataclass
+class RedisServer:
+    port: int
+    proc: subprocess.Popen
+    url: str = ""
+
+    def client(self):  # type: ignore[no-untyped-def]
+        import redis
+
+        return redis.Redis(port=self.port)
+
+    def connections(self, *names: str) -> int:
+        """Count client connections whose CLIENT SETNAME is one of ``names``."""
+        return sum(1 for c in self.client().client_list() if c.get("name") in names)
+
+
+def start_redis(tmp: Path) -> RedisServer:
+    port = free_port()
+    proc = subprocess.Popen(
+        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp), "--maxclients", "20000"],
+        stdout=subprocess.DEVNULL,
+        preexec_fn=_raise_fd_limit,
+    )
+    server = RedisServer(port, proc, f"redis://127.0.0.1:{port}/0")
+    wait_for(lambda: port_open(port) and server.client().ping(), what="redis-server")
+    return server
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    stop(server.proc, signal.SIGTERM)
+
+
+# --------------------------------------------------------------------------- Django
+
+
+@dataclass
+class Project:
+    env: dict[str, str]
+    users: dict[str, Any] = field(default_factory=dict)
+
+    def cookie(self, username: str) -> str:
+        """Log ``username`` in and return its session key."""
+        from django.test import Client
+
+        client = Client()
+        client.force_login(self.users[username])
+        return client.cookies["sessionid"].value
+
+    @staticmethod
+    def anonymous_session() -> str:
+        from django.contrib.sessions.backends.db import SessionStore
+
+        store = SessionStore()
+        store["visited"] = True
+        store.create()
+        return store.session_key
+
+
+@pytest.fixture(scope="session")
+def project(redis_server, tmp_path_factory):
+    """The example project, configured in this process and ready for the servers."""
+    db = tmp_path_factory.mktemp("db") / "db.sqlite3"
+    env = {
+        "DJANGO_SETTINGS_MODULE": "chat.settings",
+        "EXAMPLE_DB": str(db),
+        "DJANGO_WS_REDIS_URL": redis_server.url,
+        "DJANGO_WS_SECRET": secrets.token_hex(16),
+    }
+    os.environ.update(env)
+    sys.path.insert(0, str(EXAMPLE))
+    import django
+
+    django.setup()
+    from django.contrib.auth.models import Group, User
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    red = Group.objects.create(name="red")
+    blue = Group.objects.create(name="blue team")
+    users = {}
+    for name, groups in (("alice", [red]), ("bob", [blue]), ("carol", [blue])):
+        user = User.objects.create_user(name, password="pw")
+        user.groups.set(groups)
+        users[name] = user
+    return Project(env=env, users=users)
+
+
+# --------------------------------------------------------------------------- uWSGI
+
+
+@dataclass
+class Stack:
+    mode: str
+    port: int
+    ws_port: int | None
+    procs: list[subprocess.Popen]
+    log: Path
+
+    def url(self, path: str) -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    def http(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+def start_stack(mode: str, project: Project, tmp: Path, **extra: str) -> Stack:
+    port = free_port()
+    ws_port = free_port() if mode == "offload" else None
+    env = {
+        **os.environ,
+        **project.env,
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        "DJANGO_WS_HTTP": f"127.0.0.1:{port}",
+        "DJANGO_WS_PROCESSES": "1",
+        "DJANGO_WS_THREADS": "1",
+        "DJANGO_WS_ASYNC": "3000",
+        "DJANGO_WS_WORKERS": "1",
+        "DJANGO_WS_POOL_SIZE": "4",
+        **extra,
+    }
+    if ws_port:
+        env["DJANGO_WS_OFFLOAD_TO"] = f"127.0.0.1:{ws_port}"
+    section = "uwsgi.ini.example" if mode == "offload" else "uwsgi.ini.example:single"
+    log = tmp / f"uwsgi-{mode}.log"
+    proc = subprocess.Popen(
+        [str(UWSGI), "--ini", section, "--listen", "1024"],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        preexec_fn=_raise_fd_limit,
+    )
+    stack = Stack(mode, port, ws_port, [proc], log)
+    try:
+        wait_for(lambda: proc.poll() is None and port_open(port), what=f"uWSGI {mode} front", timeout=30)
+        if ws_port:
+            wait_for(lambda: port_open(ws_port), what="websocket instance", timeout=30)
+    except TimeoutError:
+        stop(proc)
+        raise RuntimeError(f"uWSGI did not start; log:\n{log.read_text()[-3000:]}") from None
+    return stack
+
+
+@pytest.fixture(scope="session", params=["offload", "single"])
+def stack(request, project, tmp_path_factory):
+    stack = start_stack(request.param, project, tmp_path_factory.mktemp(request.param))
+    yield stack
+    for proc in stack.procs:
+        stop(proc)
+
+
+@pytest.fixture(scope="session")
+def offload_stack(project, tmp_path_factory):
+    stack = start_stack("offload", project, tmp_path_factory.mktemp("offload1"))
+    yield stack
+    for proc in stack.procs:
+        stop(proc)
+
+
+@pytest.fixture
+def facility() -> str:
+    return "t" + uuid.uuid4().hex[:12]
+
+
+# --------------------------------------------------------------------------- client
+
+
+class WS:
+    """A real websocket client (websocket-client) with helpers to read typed frames."""
+
+    def __init__(self, url: str, *, session: str | None = None, timeout: float = 10.0, **options: Any) -> None:
+        import websocket
+
+        headers = [f"Cookie: sessionid={session}"] if session else []
+        self.conn = websocket.create_connection(url, header=headers, timeout=timeout, **options)
+
+    def next(self) -> dict[str, Any]:
+        """Return the next frame (heartbeats skipped) as a dict; binary data under "data"."""
+        import websocket
+
+        from uwsgi_ws.protocol import parse_binary_message
+
+        while True:
+            opcode, data = self.conn.recv_data()
+            if opcode == websocket.ABNF.OPCODE_TEXT:
+                frame = json.loads(data)
+                if frame.get("type") == "heartbeat":
+                    continue
+                return frame
+            if opcode == websocket.ABNF.OPCODE_BINARY:
+                header, payload = parse_binary_message(data)
+                header["data"] = payload
+                header["binary"] = True
+                return header
+            raise AssertionError(f"unexpected opcode {opcode}")
+
+    def ready(self) -> list[dict[str, Any]]:
+        """Read until the "ready" frame; return the frames before it."""
+        frames = []
+        while True:
+            frame = self.next()
+            if frame["type"] == "ready":
+                return frames
+            frames.append(frame)
+
+    def until(self, marker: Any) -> list[Any]:
+        """Return the data of the messages received before the message ``marker``."""
+        seen = []
+        while True:
+            frame = self.next()
+            if frame["type"] != "message":
+                continue
+            if frame["data"] == marker:
+                return seen
+            seen.append(frame["data"])
+
+    def send(self, data: str | bytes) -> None:
+        import websocket
+
+        if isinstance(data, bytes):
+            self.conn.send(data, opcode=websocket.ABNF.OPCODE_BINARY)
+        else:
+            self.conn.send(data)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.fixture
+def connect(stack, facility):
+    """Open websockets to ``facility`` on the stack under test; closed after the test."""
+    opened: list[WS] = []
+
+    def open_(query: str, *, session: str | None = None, path: str | None = None, **options: Any) -> WS:
+        ws = WS(stack.url(path or f"/ws/{facility}?{query}"), session=session, **options)
+        opened.append(ws)
+        return ws
+
+    yield open_
+    for ws in opened:
+        try:
+            ws.close()
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def ws_settings(project):
+    """Change DJANGO_WS keys in this process for one test: ``ws_settings(HISTORY_TTL=1)``."""
+    from django.conf import settings
+    from django.test import override_settings
+
+    overrides = []
+
+    def change(**values: Any) -> None:
+        override = override_settings(DJANGO_WS={**settings.DJANGO_WS, **values})
+        override.enable()
+        overrides.append(override)
+
+    yield change
+    for override in reversed(overrides):
+        override.disable()
