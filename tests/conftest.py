@@ -91,9 +91,18 @@ class RedisServer:
 
         return redis.Redis(port=self.port)
 
-    def connections(self, *names: str) -> int:
-        """Count client connections whose CLIENT SETNAME is one of ``names``."""
-        return sum(1 for c in self.client().client_list() if c.get("name") in names)
+    def worker_connections(self) -> dict[int, dict[str, int]]:
+        """Count the connections of each websocket worker: {pid: {"hub": n, "pool": n}}.
+
+        Workers name their connections ``django_ws:hub:<pid>`` and ``django_ws:pool:<pid>``.
+        """
+        counts: dict[int, dict[str, int]] = {}
+        for c in self.client().client_list():
+            parts = c.get("name", "").split(":")
+            if len(parts) == 3 and parts[0] == "django_ws" and parts[1] in ("hub", "pool"):
+                per = counts.setdefault(int(parts[2]), {"hub": 0, "pool": 0})
+                per[parts[1]] += 1
+        return counts
 
 
 def start_redis(tmp: Path) -> RedisServer:

@@ -14,6 +14,7 @@ Run it with::
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable, Iterable
 
 import redis
@@ -65,7 +66,7 @@ class WebSocketApplication:
                     socket_timeout=10.0,
                     socket_connect_timeout=5.0,
                     health_check_interval=30,
-                    client_name="django_ws:pool",
+                    client_name=f"django_ws:pool:{os.getpid()}",
                 )
             )
             sub = "SSUBSCRIBE" if config.publish_command == "SPUBLISH" else "SUBSCRIBE"

@@ -15,6 +15,7 @@ listener to resynchronise from the channel history.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from typing import Callable, Iterable, Protocol
 
@@ -282,7 +283,7 @@ def connection_factory(url: str, *, ping_interval: float) -> Callable[[], Connec
         socket_connect_timeout=5.0,
         socket_keepalive=True,
         health_check_interval=0,
-        client_name="django_ws:hub",
+        client_name=f"django_ws:hub:{os.getpid()}",
     )
 
     def connect() -> Connection:

@@ -403,7 +403,7 @@ def verify_ticket(
         expected = _mac(secret, body)
     except (UnicodeEncodeError, ValueError):
         raise TicketError("malformed ticket") from None
-    if not hmac.compare_digest(expected, mac):
+    if not mac.isascii() or not hmac.compare_digest(expected, mac):
         raise TicketError("bad ticket signature")
     try:
         data = json.loads(_unb64(body))

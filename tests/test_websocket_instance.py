@@ -1,0 +1,164 @@
+"""The websocket instance trusts nothing but a valid ticket, and scales per worker.
+
+Tickets are sent straight to the websocket instance's uwsgi-protocol socket, the
+way the front's offload thread forwards a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import struct
+import subprocess
+import time
+
+import pytest
+
+import django_ws
+from tests.conftest import UWSGI
+from uwsgi_ws.protocol import Limits, Ticket, sign_ticket
+
+KEY = base64.b64encode(os.urandom(16)).decode()
+
+
+def uwsgi_packet(variables: dict[str, str]) -> bytes:
+    body = b""
+    for name, value in variables.items():
+        n, v = name.encode(), value.encode()
+        body += struct.pack("<H", len(n)) + n + struct.pack("<H", len(v)) + v
+    return struct.pack("<BHB", 0, len(body), 0) + body
+
+
+def handshake_vars(ticket: str | None) -> dict[str, str]:
+    variables = {
+        "REQUEST_METHOD": "GET",
+        "REQUEST_URI": "/ws/direct?subscribe-broadcast",
+        "PATH_INFO": "/ws/direct",
+        "QUERY_STRING": "subscribe-broadcast",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "80",
+        "REMOTE_ADDR": "127.0.0.1",
+        "HTTP_HOST": "127.0.0.1",
+        "HTTP_UPGRADE": "websocket",
+        "HTTP_CONNECTION": "Upgrade",
+        "HTTP_SEC_WEBSOCKET_VERSION": "13",
+        "HTTP_SEC_WEBSOCKET_KEY": KEY,
+    }
+    if ticket is not None:
+        variables["DJANGO_WS_TICKET"] = ticket
+    return variables
+
+
+def status_line(port: int, variables: dict[str, str]) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(uwsgi_packet(variables))
+        data = b""
+        while b"\r\n" not in data:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+def ticket(secret: str, *, expires_in: float = 10.0) -> str:
+    t = Ticket(
+        subscribe={"broadcast": "{ws:direct:broadcast}"},
+        limits=Limits(),
+        expires=time.time() + expires_in,
+    )
+    return sign_ticket(t, secret.encode())
+
+
+def test_valid_ticket_is_served(offload_stack, project):
+    # The control case: the same request with a good ticket completes the handshake.
+    assert b" 101 " in status_line(offload_stack.ws_port, handshake_vars(ticket(project.env["DJANGO_WS_SECRET"])))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda secret: None, id="missing"),
+        pytest.param(lambda secret: ticket("not the secret"), id="forged"),
+        pytest.param(lambda secret: ticket(secret, expires_in=-60), id="expired"),
+        pytest.param(lambda secret: ticket(secret)[:-3] + "abc", id="tampered"),
+    ],
+)
+def test_bad_tickets_are_refused_with_403(offload_stack, project, redis_server, make):
+    before = redis_server.client().pubsub_numsub("{ws:direct:broadcast}")[0][1]
+    line = status_line(offload_stack.ws_port, handshake_vars(make(project.env["DJANGO_WS_SECRET"])))
+    assert line.startswith(b"HTTP/1.1 403"), line
+    assert redis_server.client().pubsub_numsub("{ws:direct:broadcast}")[0][1] == before
+
+
+def test_uwsgi_is_built_with_ssl_and_pcre_routing():
+    help_text = subprocess.run([str(UWSGI), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--https-socket " in help_text, "uWSGI lacks SSL: the websocket handshake cannot work"
+    assert "--response-route-if " in help_text, "uWSGI lacks PCRE: the hand-over routes cannot work"
+    assert "--gevent " in help_text, "uWSGI lacks the gevent loop engine"
+
+
+# --------------------------------------------------------------------------- scale
+
+
+async def _open_many(url: str, n: int, parallel: int = 100) -> list:
+    import websockets
+
+    gate = asyncio.Semaphore(parallel)
+
+    async def one():
+        async with gate:
+            ws = await websockets.connect(url, open_timeout=60, max_size=None, ping_interval=None)
+            while True:  # up to the "ready" frame
+                frame = await asyncio.wait_for(ws.recv(), 60)
+                if '"ready"' in frame:
+                    return ws
+
+    return await asyncio.gather(*(one() for _ in range(n)))
+
+
+async def _receive(sockets: list, text: str) -> int:
+    async def one(ws):
+        while True:
+            frame = await asyncio.wait_for(ws.recv(), 60)
+            if text in frame:
+                return 1
+
+    return sum(await asyncio.gather(*(one(ws) for ws in sockets)))
+
+
+@pytest.mark.timeout(300)
+def test_1100_websockets_on_one_worker_all_receive_and_redis_connections_stay_constant(
+    offload_stack, redis_server, facility
+):
+    url = offload_stack.url(f"/ws/{facility}?subscribe-broadcast")
+
+    async def scenario():
+        first = await _open_many(url, 20)
+        with_20 = redis_server.worker_connections()
+        rest = await _open_many(url, 1080)
+        sockets = first + rest
+        with_1100 = redis_server.worker_connections()
+        started = time.monotonic()
+        django_ws.publish(facility, "to all 1100", broadcast=True)
+        received = await _receive(sockets, "to all 1100")
+        elapsed = time.monotonic() - started
+        await asyncio.gather(*(ws.close() for ws in sockets))
+        return with_20, with_1100, received, elapsed
+
+    with_20, with_1100, received, elapsed = asyncio.run(scenario())
+    print(
+        f"\n1100 websockets: {received} received the broadcast in {elapsed:.3f}s; Redis connections "
+        f"of the websocket worker: {with_20} with 20 open, {with_1100} with 1100 open"
+    )
+    assert received == 1100
+    assert with_20 and set(with_20) == set(with_1100)  # the same worker processes
+    for counts in (with_20, with_1100):
+        for per_worker in counts.values():
+            # one subscriber connection per worker, whatever the number of websockets,
+            # plus at most the configured pool (DJANGO_WS_POOL_SIZE=4 in the test stacks)
+            assert per_worker["hub"] == 1
+            assert per_worker["pool"] <= 4
