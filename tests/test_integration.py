@@ -341,3 +341,51 @@ def test_front_with_one_thread_answers_pages_while_websockets_are_open(offload_s
     finally:
         for ws in sockets:
             ws.close()
+
+
+def test_oversized_client_message_closes_with_1009(stack, project, connect, facility, ws_settings):
+    ws = connect("subscribe-broadcast&publish-broadcast", session=project.cookie("alice"))
+    ws.ready()
+    ws.send("x" * 70000)  # MAX_MESSAGE_SIZE defaults to 65536
+    while True:
+        opcode, data = ws.conn.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            break
+    assert int.from_bytes(data[:2], "big") == 1009
+    other = connect("subscribe-broadcast")
+    other.ready()
+    django_ws.publish(facility, "others unaffected", broadcast=True)
+    assert other.next()["data"] == "others unaffected"
+
+
+def test_publish_raises_when_redis_is_unreachable(project, ws_settings):
+    from tests.conftest import free_port
+
+    ws_settings(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(django_ws.PublishError, match="could not publish"):
+        django_ws.publish("chat", "lost?", broadcast=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        ({}, ValueError),
+        ({"users": "alice"}, TypeError),
+        ({"broadcast": True, "facility": "a/b"}, ValueError),
+    ],
+)
+def test_publish_rejects_bad_arguments(project, kwargs, error):
+    facility = kwargs.pop("facility", "chat")
+    with pytest.raises(error):
+        django_ws.publish(facility, "x", **kwargs)
+
+
+def test_websocket_side_never_imports_django():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, uwsgi_ws.app, uwsgi_ws.session, uwsgi_ws.hub, uwsgi_ws.store; "
+        "assert not any(m == 'django' or m.startswith('django.') for m in sys.modules), 'django imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,7 +8,7 @@ subscriber.
 Close codes used (besides the standard ones wsproto picks for protocol errors):
 
     1000  normal closure
-    1008  policy violation: a message too large for MAX_MESSAGE_SIZE
+    1009  message too big: larger than MAX_MESSAGE_SIZE
     1011  internal error
     1013  try again later: Redis did not confirm the subscriptions in time
     4008  slow consumer: the send queue exceeded its bounds; reconnect and recover
@@ -181,7 +181,7 @@ class Session:
         self._incoming_size += len(chunk.encode("utf-8")) if isinstance(chunk, str) else len(chunk)
         if self._incoming_size > self.ticket.limits.max_message_size:
             logger.info("message from %s exceeds %d bytes", self.ticket.identity, self.ticket.limits.max_message_size)
-            self.close(CloseReason.POLICY_VIOLATION, "message too large")
+            self.close(CloseReason.MESSAGE_TOO_BIG, "message too big")
             return
         self._incoming.append(chunk)
         if not event.message_finished:
