@@ -47,8 +47,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     if conf.offload_to and conf.ticket_secret_derived:
         problems.append(
             Error(
-                "DJANGO_WS['OFFLOAD_TO'] is set but no ticket secret is: the websocket "
-                "instance cannot verify tickets",
+                "DJANGO_WS['OFFLOAD_TO'] is set but no ticket secret is: the websocket instance cannot verify tickets",
                 hint="Set DJANGO_WS['TICKET_SECRET'] (or $DJANGO_WS_SECRET) to the value given "
                 "to the websocket instance as DJANGO_WS_SECRET.",
                 id="django_ws.E003",

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -180,8 +181,7 @@ def _read() -> WsSettings:
     rate = s["RATE_LIMIT"]
     if not (isinstance(rate, (tuple, list)) and len(rate) == 2 and all(_number(x) and x >= 0 for x in rate)):
         raise ImproperlyConfigured(
-            "DJANGO_WS['RATE_LIMIT'] must be (messages per second, burst), e.g. (10, 20); "
-            "(0, 0) disables the limit"
+            "DJANGO_WS['RATE_LIMIT'] must be (messages per second, burst), e.g. (10, 20); (0, 0) disables the limit"
         )
 
     secret = s["TICKET_SECRET"] or os.environ.get("DJANGO_WS_SECRET")

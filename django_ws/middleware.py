@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from django.core.exceptions import DisallowedHost
@@ -29,7 +29,6 @@ from uwsgi_ws.exceptions import BadRequest, Refused
 from uwsgi_ws.protocol import (
     Audience,
     Kind,
-    Request,
     Ticket,
     channel_name,
     check_handshake,

@@ -14,7 +14,8 @@ websocket instance of the offload mode.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import django
 from django.core.handlers.wsgi import WSGIHandler
@@ -36,9 +37,7 @@ class WebSocketWSGIHandler:
     def websocket_app(self) -> WebSocketApplication:
         if self._websocket_app is None:
             conf = get_settings()
-            self._websocket_app = WebSocketApplication(
-                Config(secret=conf.ticket_secret, redis_url=conf.redis_url)
-            )
+            self._websocket_app = WebSocketApplication(Config(secret=conf.ticket_secret, redis_url=conf.redis_url))
         return self._websocket_app
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:

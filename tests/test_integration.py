@@ -155,8 +155,12 @@ def test_wrong_method_gets_405(stack):
 
 
 def test_bad_handshake_gets_400(stack):
-    headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-               "Sec-WebSocket-Key": "not-base64!"}
+    headers = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "not-base64!",
+    }
     status, body = _http(stack, "GET", "/ws/chat?subscribe-broadcast", headers)
     assert status == 400
     assert b"Sec-WebSocket-Key" in body

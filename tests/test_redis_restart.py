@@ -15,15 +15,26 @@ def test_hub_resubscribes_after_redis_restart_and_clients_are_told_what_was_lost
     """Redis restarts empty: the open websocket keeps working and learns it was not recovered."""
     import redis
 
-    from uwsgi_ws.protocol import Audience, Kind, KIND_TEXT, channel_name
+    from uwsgi_ws.protocol import KIND_TEXT, Audience, Kind, channel_name
     from uwsgi_ws.store import Store
 
     port = free_port()
 
     def start_redis() -> subprocess.Popen:
         proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(tmp_path)],
+            [
+                REDIS_SERVER,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp_path),
+            ],
             stdout=subprocess.DEVNULL,
         )
         wait_for(lambda: port_open(port), what="redis-server")

@@ -8,8 +8,8 @@ history, heartbeat) is decided by Django and travels in the ticket.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from .exceptions import ConfigurationError
 
@@ -44,9 +44,7 @@ class Config:
         if self.pool_size < 1:
             raise ConfigurationError(f"pool_size must be at least 1, not {self.pool_size}")
         if self.publish_command not in ("PUBLISH", "SPUBLISH"):
-            raise ConfigurationError(
-                f"publish_command must be PUBLISH or SPUBLISH, not {self.publish_command!r}"
-            )
+            raise ConfigurationError(f"publish_command must be PUBLISH or SPUBLISH, not {self.publish_command!r}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:

@@ -17,14 +17,16 @@ from __future__ import annotations
 import logging
 import os
 import random
-from typing import Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import gevent
 from gevent.event import Event
 from gevent.lock import Semaphore
 from redis.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .protocol import Envelope, channel_label, client_frame, decode_envelope
 
@@ -164,6 +166,8 @@ class Hub:
             # The reader subscribes to every registered channel once it connects.
             return
         conn = self._conn
+        if conn is None:
+            return
         with self._write_lock:
             try:
                 for start in range(0, len(channels), _CHUNK):
@@ -264,11 +268,12 @@ class Hub:
     def _ping_forever(self) -> None:
         while not self._stopping:
             gevent.sleep(self._ping_interval)
-            if not self._ready.is_set():
+            conn = self._conn
+            if not self._ready.is_set() or conn is None:
                 continue
             with self._write_lock:
                 try:
-                    self._conn.send_command("PING", check_health=False)
+                    conn.send_command("PING", check_health=False)
                 except (RedisError, OSError) as exc:
                     logger.warning("could not PING Redis: %s", exc)
 

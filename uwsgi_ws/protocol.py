@@ -37,8 +37,9 @@ import json
 import re
 import struct
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 from urllib.parse import quote, unquote, unquote_plus
 
 from .exceptions import BadRequest, TicketError
@@ -106,24 +107,18 @@ def validate_facility(facility: str) -> str:
 def validate_prefix(prefix: str) -> str:
     """Return ``prefix`` if it can be used as the Redis name prefix, else raise ValueError."""
     if not isinstance(prefix, str) or not PREFIX_RE.fullmatch(prefix):
-        raise ValueError(
-            f"invalid key prefix {prefix!r}: use 1 to 32 letters, digits, '_', '-' or '.'"
-        )
+        raise ValueError(f"invalid key prefix {prefix!r}: use 1 to 32 letters, digits, '_', '-' or '.'")
     return prefix
 
 
 def channel_name(prefix: str, facility: str, audience: Audience) -> str:
     """Return the Redis pub/sub channel of ``facility`` for ``audience``."""
     if audience.kind is Kind.BROADCAST:
-        return "{%s:%s:broadcast}" % (prefix, facility)
+        return "{" + f"{prefix}:{facility}:broadcast" + "}"
     if not audience.name:
         raise ValueError(f"a {audience.kind.value} audience needs a name")
-    return "{%s:%s:%s:%s}" % (
-        prefix,
-        facility,
-        audience.kind.value,
-        quote(audience.name, safe=_AUDIENCE_SAFE),
-    )
+    name = quote(audience.name, safe=_AUDIENCE_SAFE)
+    return "{" + f"{prefix}:{facility}:{audience.kind.value}:{name}" + "}"
 
 
 def parse_channel(channel: str) -> tuple[str, str, Audience]:
@@ -264,8 +259,7 @@ def _parse_positions(text: str) -> dict[str, Position]:
             or len(value[1]) > 64
         ):
             raise BadRequest(
-                'recover entries must look like "channel": [offset, "epoch"] '
-                "with a non-negative integer offset"
+                'recover entries must look like "channel": [offset, "epoch"] with a non-negative integer offset'
             )
         positions[label] = Position(value[0], value[1])
     return positions
@@ -378,9 +372,7 @@ def sign_ticket(ticket: Ticket, secret: bytes) -> str:
     return body + "." + _mac(secret, body)
 
 
-def verify_ticket(
-    token: str | None, secret: bytes, *, now: float | None = None, leeway: float = 5.0
-) -> Ticket:
+def verify_ticket(token: str | None, secret: bytes, *, now: float | None = None, leeway: float = 5.0) -> Ticket:
     """Check the signature and expiry of a ticket and return it.
 
     Args:
@@ -452,8 +444,7 @@ def encode_payload(message: Any) -> tuple[bytes, bytes]:
         text = json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise TypeError(
-            f"cannot publish a {type(message).__name__}: pass str, bytes or a "
-            f"JSON-serialisable value ({exc})"
+            f"cannot publish a {type(message).__name__}: pass str, bytes or a JSON-serialisable value ({exc})"
         ) from None
     return KIND_JSON, text.encode("utf-8")
 
@@ -627,9 +618,7 @@ def check_handshake(method: str, headers: Mapping[str, str]) -> str:
     if method != "GET":
         raise BadRequest("websocket handshakes use GET", status=405)
     if headers.get("HTTP_UPGRADE", "").strip().lower() != "websocket":
-        raise BadRequest(
-            "this URL serves websockets: send an 'Upgrade: websocket' handshake", status=426
-        )
+        raise BadRequest("this URL serves websockets: send an 'Upgrade: websocket' handshake", status=426)
     tokens = {t.strip().lower() for t in headers.get("HTTP_CONNECTION", "").split(",")}
     if "upgrade" not in tokens:
         raise BadRequest("the handshake needs 'Connection: Upgrade'", status=400)

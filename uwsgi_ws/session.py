@@ -20,11 +20,11 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import gevent
 from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Event, Ping, TextMessage
 from wsproto.frame_protocol import CloseReason
 
 from .exceptions import PublishError
@@ -84,9 +84,9 @@ class Session:
         # channel -> (epoch, offset) of the last message delivered on it
         self._positions: dict[str, tuple[str, int]] = {}
         # channels being (re)synchronised from history: live messages wait here
-        self._held: dict[str, list[Envelope | tuple[Envelope, bytes]]] = {}
+        self._held: dict[str, list[tuple[Envelope, bytes]]] = {}
         self._limiter = RateLimiter(ticket.limits.rate, ticket.limits.burst, now=clock())
-        self._incoming: list[bytes | str] = []
+        self._incoming: list[bytes | bytearray | str] = []
         self._incoming_size = 0
         self._closing = False
 
@@ -159,7 +159,7 @@ class Session:
             if self._closing:
                 return
 
-    def _send_event(self, event: object) -> None:
+    def _send_event(self, event: Event) -> None:
         try:
             self.transport.send(self._ws.send(event))
         except Exception:  # wsproto refuses sends in a closing state
@@ -279,7 +279,7 @@ class Session:
                 since = Position(offset, epoch)
             requests.append((channel, since, self.ticket.latest and first))
         states = self.store.fetch(requests)
-        for (channel, since, latest), state in zip(requests, states):
+        for (channel, since, latest), state in zip(requests, states, strict=True):
             label = self._labels[channel]
             outcome = decide_recovery(since, state.epoch, state.top, state.history, latest=latest)
             for envelope in outcome.envelopes:
@@ -299,4 +299,3 @@ class Session:
             )
             for envelope, frame in self._held.pop(channel, []):
                 self._deliver(channel, envelope, frame)
-

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import redis
 from redis.exceptions import NoScriptError, RedisError
@@ -159,12 +160,9 @@ class Store:
             results = _PUBLISH.run_many(self.client, calls)
         except RedisError as exc:
             raise PublishError(
-                f"could not publish to {len(channels)} channel(s): Redis error "
-                f"{type(exc).__name__}: {exc}"
+                f"could not publish to {len(channels)} channel(s): Redis error {type(exc).__name__}: {exc}"
             ) from exc
-        return [
-            Published(c, int(r[0]), _text(r[1]), int(r[2])) for c, r in zip(channels, results)
-        ]
+        return [Published(c, int(r[0]), _text(r[1]), int(r[2])) for c, r in zip(channels, results, strict=True)]
 
     def fetch(self, requests: Sequence[tuple[str, Position | None, bool]]) -> list[ChannelState]:
         """Read the state of several channels in one round trip.

@@ -17,7 +17,5 @@ def say(request: HttpRequest) -> JsonResponse:
     text = request.POST.get("text", "").strip()[:500]
     if not text:
         return JsonResponse({"error": "empty message"}, status=400)
-    [published] = django_ws.publish(
-        "chat", {"from": request.user.get_username(), "text": text}, broadcast=True
-    )
+    [published] = django_ws.publish("chat", {"from": request.user.get_username(), "text": text}, broadcast=True)
     return JsonResponse({"offset": published.offset})

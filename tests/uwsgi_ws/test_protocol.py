@@ -109,7 +109,7 @@ def test_query_ws4redis_syntax():
 
 
 def test_query_recover_positions():
-    request = parse_query('subscribe-broadcast&recover=%7B%22broadcast%22%3A%5B3%2C%22e1%22%5D%7D')
+    request = parse_query("subscribe-broadcast&recover=%7B%22broadcast%22%3A%5B3%2C%22e1%22%5D%7D")
     assert request.recover == {"broadcast": Position(3, "e1")}
 
 
@@ -124,7 +124,7 @@ def test_query_recover_positions():
         ("subscribe-broadcast&recover=nope", "JSON"),
         ('subscribe-broadcast&recover={"b":[-1,"e"]}', "non-negative"),
         ('subscribe-broadcast&recover={"b":[1.5,"e"]}', "non-negative"),
-        ('subscribe-broadcast&recover=[1]', "JSON object"),
+        ("subscribe-broadcast&recover=[1]", "JSON object"),
         ("subscribe-broadcast&" + "x" * 9000, "longer than"),
     ],
 )
