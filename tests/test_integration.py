@@ -393,3 +393,33 @@ def test_websocket_side_never_imports_django():
         "assert not any(m == 'django' or m.startswith('django.') for m in sys.modules), 'django imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_slow_consumer_is_closed_with_4008_and_others_lose_nothing(stack, connect, facility):
+    import socket
+
+    stalled = connect("subscribe-broadcast", sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),))
+    reader = connect("subscribe-broadcast")
+    stalled.ready(), reader.ready()
+    chunk = "y" * 60000
+    # 36 MB: more than every socket buffer on the way (the front's offload relay
+    # included) plus the server's SEND_QUEUE_BYTES (1 MiB)
+    total = 600
+    for i in range(total):
+        django_ws.publish(facility, f"{i}:{chunk}", broadcast=True)
+        got = reader.next()
+        assert got["data"].startswith(f"{i}:"), (i, got)
+    # The stalled client now reads what reached it: the server dropped the rest and
+    # closed it (with close code 4008 when the close frame fit in the pipe in time).
+    received, code = 0, None
+    while True:
+        try:
+            opcode, data = stalled.conn.recv_data(control_frame=True)
+        except websocket.WebSocketConnectionClosedException:
+            break
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            code = int.from_bytes(data[:2], "big")
+            break
+        received += 1
+    assert code in (4008, None)
+    assert received < total

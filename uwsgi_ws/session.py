@@ -124,7 +124,10 @@ class Session:
         last_heard = now
         next_beat = now + interval
         transport = self.transport
-        while not transport.closed and not self._closing:
+        while not transport.closed:
+            if self._closing:
+                transport.drain(2.0)
+                break
             data = transport.recv(max(0.0, next_beat - now))
             now = self._clock()
             if data == b"":
@@ -252,6 +255,7 @@ class Session:
         self.transport.discard_queued()
         self._closing = True
         self._send_event(CloseConnection(CLOSE_SLOW_CONSUMER, "slow consumer"))
+        self.transport.interrupt()  # the session's loop then drains briefly and ends
 
     def resync(self, channel: str) -> None:
         """Recover ``channel`` from history after the Hub reconnected (never blocks)."""

@@ -14,7 +14,6 @@ import socket
 from typing import Protocol
 
 import gevent
-import gevent.socket
 from gevent.event import Event
 
 
@@ -40,6 +39,9 @@ class Transport(Protocol):
     def discard_queued(self) -> None:
         """Drop every queued chunk that has not started to be written."""
 
+    def interrupt(self) -> None:
+        """Make a pending ``recv`` return None now (from another greenlet or callback)."""
+
     def drain(self, timeout: float) -> bool:
         """Wait until everything queued is written; False on timeout or error."""
 
@@ -47,8 +49,6 @@ class Transport(Protocol):
         """Stop using the connection."""
 
 
-class _Timeout(Exception):
-    pass
 
 
 class GeventSocketTransport:
@@ -73,6 +73,9 @@ class GeventSocketTransport:
         self._drained: Event | None = None
         self.closed = False
         self._released = False
+        # Set by the read watcher or by interrupt(); recv() waits on it.
+        self._wakeup = Event()
+        self._interrupted = False
 
     @property
     def queued_bytes(self) -> int:
@@ -91,11 +94,23 @@ class GeventSocketTransport:
             except OSError:
                 self.closed = True
                 return b""
+            if self._interrupted:
+                self._interrupted = False
+                return None
+            self._wakeup.clear()
+            self._read_watcher.start(self._wakeup.set)
             try:
-                gevent.socket.wait(self._read_watcher, timeout, _Timeout)
-            except _Timeout:
+                woken = self._wakeup.wait(timeout)
+            finally:
+                self._read_watcher.stop()
+            if not woken or self._interrupted:
+                self._interrupted = False
                 return None
         return b""
+
+    def interrupt(self) -> None:
+        self._interrupted = True
+        self._wakeup.set()
 
     def send(self, data: bytes) -> None:
         if self.closed:
