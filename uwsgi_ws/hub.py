@@ -10,6 +10,11 @@ the next network event. No select() is involved anywhere (it fails past fd 1024)
 When the connection to Redis breaks, the Hub reconnects with capped exponential
 backoff, subscribes again to every channel that still has listeners, and asks each
 listener to resynchronise from the channel history.
+
+Concurrency comes from the ``threading`` module: under uWSGI's gevent loop with
+monkey patching its threads, events and locks are greenlets and gevent primitives;
+under the development server they are real threads. Shared state is only touched
+under ``_lock``, which is never held across I/O.
 """
 
 from __future__ import annotations
@@ -17,12 +22,11 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-import gevent
-from gevent.event import Event
-from gevent.lock import Semaphore
 from redis.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -55,7 +59,7 @@ class _Channel:
     def __init__(self, label: str) -> None:
         self.label = label
         self.listeners: set[Listener] = set()
-        self.confirmed = Event()
+        self.confirmed = threading.Event()
         self.resync = False
 
 
@@ -89,24 +93,30 @@ class Hub:
         # SUBSCRIBE, UNSUBSCRIBE, SUBSCRIBE the first confirmation must not count.
         self._inflight: dict[str, int] = {}
         self._conn: Connection | None = None
-        self._ready = Event()
-        self._write_lock = Semaphore()
-        self._greenlets: list[gevent.Greenlet] = []
+        self._ready = threading.Event()
+        self._lock = threading.Lock()  # guards _channels and _inflight
+        self._write_lock = threading.Lock()  # one command at a time on the connection
+        self._threads: list[threading.Thread] = []
         self._stopping = False
         self.reconnects = 0
 
     # ----------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        """Start the reader and pinger greenlets (idempotent)."""
-        if not self._greenlets:
-            self._greenlets = [gevent.spawn(self._read_forever), gevent.spawn(self._ping_forever)]
+        """Start the reader and pinger threads (idempotent)."""
+        with self._lock:
+            if self._threads:
+                return
+            self._threads = [
+                threading.Thread(target=self._read_forever, name="django_ws-hub-reader", daemon=True),
+                threading.Thread(target=self._ping_forever, name="django_ws-hub-pinger", daemon=True),
+            ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
-        """Stop the greenlets and close the Redis connection."""
+        """Ask the threads to end and close the Redis connection."""
         self._stopping = True
-        gevent.killall(self._greenlets)
-        self._greenlets = []
         if self._conn is not None:
             self._conn.disconnect()
 
@@ -126,42 +136,40 @@ class Hub:
         self.start()
         channels = list(dict.fromkeys(channels))
         new = []
-        for name in channels:
-            state = self._channels.get(name)
-            if state is None:
-                state = self._channels[name] = _Channel(channel_label(name))
-                new.append(name)
-            state.listeners.add(listener)
+        with self._lock:
+            states = []
+            for name in channels:
+                state = self._channels.get(name)
+                if state is None:
+                    state = self._channels[name] = _Channel(channel_label(name))
+                    new.append(name)
+                    self._inflight[name] = self._inflight.get(name, 0) + 1
+                state.listeners.add(listener)
+                states.append(state)
         if new:
             self._send(self._sub, new)
-        with gevent.Timeout(timeout, SubscribeTimeout):
-            try:
-                for name in channels:
-                    self._channels[name].confirmed.wait()
-            except SubscribeTimeout:
+        deadline = time.monotonic() + timeout
+        for state in states:
+            if not state.confirmed.wait(max(0.0, deadline - time.monotonic())):
                 self.unsubscribe(listener, channels)
-                raise
-            except KeyError:  # pragma: no cover - unsubscribed concurrently
-                raise SubscribeTimeout() from None
+                raise SubscribeTimeout()
 
     def unsubscribe(self, listener: Listener, channels: Iterable[str]) -> None:
         """Unregister ``listener``; channels without listeners are unsubscribed."""
         gone = []
-        for name in channels:
-            state = self._channels.get(name)
-            if state is None:
-                continue
-            state.listeners.discard(listener)
-            if not state.listeners:
-                del self._channels[name]
-                gone.append(name)
+        with self._lock:
+            for name in channels:
+                state = self._channels.get(name)
+                if state is None:
+                    continue
+                state.listeners.discard(listener)
+                if not state.listeners:
+                    del self._channels[name]
+                    gone.append(name)
         if gone:
             self._send(self._unsub, gone)
 
     def _send(self, command: str, channels: list[str]) -> None:
-        if command == self._sub:
-            for name in channels:
-                self._inflight[name] = self._inflight.get(name, 0) + 1
         if not self._ready.is_set():
             # The reader subscribes to every registered channel once it connects.
             return
@@ -183,7 +191,7 @@ class Hub:
         first = True
         while not self._stopping:
             if delay:
-                gevent.sleep(delay * (0.5 + random.random() / 2))
+                time.sleep(delay * (0.5 + random.random() / 2))
             try:
                 self._open(resync=not first)
                 delay = 0.0
@@ -191,9 +199,12 @@ class Hub:
                 self._read()
             except (RedisError, OSError) as exc:
                 self._ready.clear()
-                for state in self._channels.values():
-                    state.confirmed.clear()
-                self._inflight.clear()
+                with self._lock:
+                    for state in self._channels.values():
+                        state.confirmed.clear()
+                    self._inflight.clear()
+                if self._stopping:
+                    return
                 if self._conn is not None:
                     self._conn.disconnect()
                 delay = min(self._max_backoff, max(0.05, delay * 2))
@@ -201,8 +212,6 @@ class Hub:
                     self.reconnects += 1
                 logger.warning("Redis subscriber connection lost (%s); reconnecting in about %.2fs", exc, delay)
                 first = False
-            except gevent.GreenletExit:
-                raise
             except Exception:
                 logger.exception("unexpected error in the Hub reader; restarting it")
                 self._ready.clear()
@@ -214,10 +223,11 @@ class Hub:
         conn = self._connect()
         conn.connect()
         self._conn = conn
-        names = list(self._channels)
-        self._inflight = {name: 1 for name in names}
-        for name in names:
-            self._channels[name].resync = resync
+        with self._lock:
+            names = list(self._channels)
+            self._inflight = {name: 1 for name in names}
+            for name in names:
+                self._channels[name].resync = resync
         with self._write_lock:
             for start in range(0, len(names), _CHUNK):
                 conn.send_command(self._sub, *names[start : start + _CHUNK], check_health=False)
@@ -252,22 +262,24 @@ class Hub:
                     listener.deliver(name, envelope, frame)
             elif kind == b"subscribe" or kind == b"ssubscribe":
                 name = reply[1].decode("utf-8")
-                left = self._inflight.get(name, 0) - 1
-                if left > 0:
-                    self._inflight[name] = left
-                    continue
-                self._inflight.pop(name, None)
-                state = channels.get(name)
-                if state is not None:
-                    state.confirmed.set()
-                    if state.resync:
-                        state.resync = False
-                        for listener in tuple(state.listeners):
-                            listener.resync(name)
+                with self._lock:
+                    left = self._inflight.get(name, 0) - 1
+                    if left > 0:
+                        self._inflight[name] = left
+                        continue
+                    self._inflight.pop(name, None)
+                    state = channels.get(name)
+                    if state is None:
+                        continue
+                    listeners = tuple(state.listeners) if state.resync else ()
+                    state.resync = False
+                state.confirmed.set()
+                for listener in listeners:
+                    listener.resync(name)
 
     def _ping_forever(self) -> None:
         while not self._stopping:
-            gevent.sleep(self._ping_interval)
+            time.sleep(self._ping_interval)
             conn = self._conn
             if not self._ready.is_set() or conn is None:
                 continue

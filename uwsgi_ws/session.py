@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 
-import gevent
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, TextMessage
 from wsproto.frame_protocol import CloseReason
@@ -40,7 +40,7 @@ from .protocol import (
     decide_recovery,
     text_frame,
 )
-from .store import Store
+from .store import ChannelState, Store
 from .transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,9 @@ class Session:
         self._incoming: list[bytes | bytearray | str] = []
         self._incoming_size = 0
         self._closing = False
+        # Live deliveries (Hub thread) and history replays (session thread) both
+        # write to the transport and the positions: one at a time, in order.
+        self._lock = threading.RLock()
 
     # ----------------------------------------------------------------- main loop
 
@@ -108,8 +111,6 @@ class Session:
             self._synchronise(channels, first=True)
             self.transport.send(text_frame({"type": "ready"}))
             self._loop()
-        except gevent.GreenletExit:
-            raise
         except Exception:
             logger.exception("websocket session of %s failed", self.ticket.identity)
             self.close(1011, "internal error")
@@ -163,10 +164,11 @@ class Session:
                 return
 
     def _send_event(self, event: Event) -> None:
-        try:
-            self.transport.send(self._ws.send(event))
-        except Exception:  # wsproto refuses sends in a closing state
-            logger.debug("not sending %r in state %s", event, self._ws.state)
+        with self._lock:  # the wsproto state is shared with the Hub's thread
+            try:
+                self.transport.send(self._ws.send(event))
+            except Exception:  # wsproto refuses sends in a closing state
+                logger.debug("not sending %r in state %s", event, self._ws.state)
 
     def close(self, code: int, reason: str = "") -> None:
         """Send a close frame (after anything already partly written) and stop."""
@@ -224,11 +226,12 @@ class Session:
 
     def deliver(self, channel: str, envelope: Envelope, frame: bytes) -> None:
         """Take one live message from the Hub (never blocks)."""
-        held = self._held.get(channel)
-        if held is not None:
-            held.append((envelope, frame))
-            return
-        self._deliver(channel, envelope, frame)
+        with self._lock:
+            held = self._held.get(channel)
+            if held is not None:
+                held.append((envelope, frame))
+                return
+            self._deliver(channel, envelope, frame)
 
     def _deliver(self, channel: str, envelope: Envelope, frame: bytes) -> None:
         position = self._positions.get(channel)
@@ -259,10 +262,11 @@ class Session:
 
     def resync(self, channel: str) -> None:
         """Recover ``channel`` from history after the Hub reconnected (never blocks)."""
-        if channel in self._held or self._closing:
-            return
-        self._held[channel] = []
-        gevent.spawn(self._resync, channel)
+        with self._lock:
+            if channel in self._held or self._closing:
+                return
+            self._held[channel] = []
+        threading.Thread(target=self._resync, args=(channel,), daemon=True).start()
 
     def _resync(self, channel: str) -> None:
         try:
@@ -283,6 +287,10 @@ class Session:
                 since = Position(offset, epoch)
             requests.append((channel, since, self.ticket.latest and first))
         states = self.store.fetch(requests)
+        with self._lock:
+            self._replay(requests, states)
+
+    def _replay(self, requests: list[tuple[str, Position | None, bool]], states: list[ChannelState]) -> None:
         for (channel, since, latest), state in zip(requests, states, strict=True):
             label = self._labels[channel]
             outcome = decide_recovery(since, state.epoch, state.top, state.history, latest=latest)
