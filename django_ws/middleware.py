@@ -192,7 +192,7 @@ def _identity(request: HttpRequest) -> str:
 def _plain(status: int, text: str) -> HttpResponse:
     response = HttpResponse(text + "\n", status=status, content_type="text/plain; charset=utf-8")
     if status == 426:
-        response["Upgrade"] = "websocket"
+        # No "Upgrade" header: WSGI forbids hop-by-hop headers in applications.
         response["Sec-WebSocket-Version"] = "13"
     elif status == 405:
         response["Allow"] = "GET"

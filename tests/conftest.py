@@ -213,6 +213,8 @@ class Stack:
 
 
 def start_stack(mode: str, project: Project, tmp: Path, **extra: str) -> Stack:
+    """Start a server: "offload" (front + websocket instance), "single" (one gevent
+    uWSGI) or "runserver" (Django's development server)."""
     port = free_port()
     ws_port = free_port() if mode == "offload" else None
     env = {
@@ -229,11 +231,17 @@ def start_stack(mode: str, project: Project, tmp: Path, **extra: str) -> Stack:
     }
     if ws_port:
         env["DJANGO_WS_OFFLOAD_TO"] = f"127.0.0.1:{ws_port}"
-    section = "uwsgi.ini.example" if mode == "offload" else "uwsgi.ini.example:single"
-    log = tmp / f"uwsgi-{mode}.log"
+    log = tmp / f"server-{mode}.log"
+    if mode == "runserver":
+        command = [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"]
+        cwd = EXAMPLE
+    else:
+        section = "uwsgi.ini.example" if mode == "offload" else "uwsgi.ini.example:single"
+        command = [str(UWSGI), "--ini", section, "--listen", "1024"]
+        cwd = ROOT
     proc = subprocess.Popen(
-        [str(UWSGI), "--ini", section, "--listen", "1024"],
-        cwd=ROOT,
+        command,
+        cwd=cwd,
         env=env,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
@@ -241,16 +249,16 @@ def start_stack(mode: str, project: Project, tmp: Path, **extra: str) -> Stack:
     )
     stack = Stack(mode, port, ws_port, [proc], log)
     try:
-        wait_for(lambda: proc.poll() is None and port_open(port), what=f"uWSGI {mode} front", timeout=30)
+        wait_for(lambda: proc.poll() is None and port_open(port), what=f"{mode} server", timeout=30)
         if ws_port:
             wait_for(lambda: port_open(ws_port), what="websocket instance", timeout=30)
     except TimeoutError:
         stop(proc)
-        raise RuntimeError(f"uWSGI did not start; log:\n{log.read_text()[-3000:]}") from None
+        raise RuntimeError(f"{mode} server did not start; log:\n{log.read_text()[-3000:]}") from None
     return stack
 
 
-@pytest.fixture(scope="session", params=["offload", "single"])
+@pytest.fixture(scope="session", params=["offload", "single", "runserver"])
 def stack(request, project, tmp_path_factory):
     stack = start_stack(request.param, project, tmp_path_factory.mktemp(request.param))
     yield stack

@@ -26,11 +26,15 @@ from .hub import Hub, connection_factory
 from .protocol import check_handshake, verify_ticket
 from .session import Session
 from .store import Store
-from .transport import GeventSocketTransport
+from .transport import GeventSocketTransport, Transport
 
 logger = logging.getLogger(__name__)
 
 TICKET_VAR = "DJANGO_WS_TICKET"
+# In-process servers (the development server) put a callable here: given the
+# handshake key, it answers the handshake itself and returns the connection's
+# transport. Without it, uWSGI's native handshake is used.
+ACCEPT_KEY = "django_ws.accept"
 
 StartResponse = Callable[..., Any]
 
@@ -58,7 +62,6 @@ class WebSocketApplication:
         # Built on first use, so inside the worker process after uWSGI forked it.
         if self._hub is None or self._store is None:
             config = self.config
-            self._check_gevent()
             client = redis.Redis(
                 connection_pool=redis.BlockingConnectionPool.from_url(
                     config.redis_url,
@@ -77,14 +80,16 @@ class WebSocketApplication:
         return self._hub, self._store
 
     @staticmethod
-    def _check_gevent() -> None:
+    def _gevent_patched() -> bool:
         from gevent import monkey
 
-        if not monkey.is_module_patched("socket"):
-            logger.error(
-                "the websocket instance needs gevent's monkey patching: start uWSGI with "
-                "--gevent-early-monkey-patch (or gevent-monkey-patch = true)"
-            )
+        if monkey.is_module_patched("socket") and monkey.is_module_patched("threading"):
+            return True
+        logger.error(
+            "the websocket instance needs gevent's monkey patching: start uWSGI with "
+            "--gevent-early-monkey-patch (or gevent-monkey-patch = true)"
+        )
+        return False
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         try:
@@ -95,27 +100,42 @@ class WebSocketApplication:
             return _answer(start_response, 403, "forbidden")
         except BadRequest as exc:
             return _answer(start_response, exc.status, exc.message)
-        hub, store = self._runtime()
-        import uwsgi
+        accept = environ.get(ACCEPT_KEY)
+        transport: Transport
+        if accept is not None:
+            hub, store = self._runtime()
+            transport = accept(key)
+        else:
+            if not self._gevent_patched():
+                return _answer(start_response, 500, "server misconfigured")
+            hub, store = self._runtime()
+            import uwsgi
 
-        try:
-            uwsgi.websocket_handshake(key)
-        except OSError:
-            logger.warning("websocket handshake failed for %s", ticket.identity)
-            return []
-        transport = GeventSocketTransport(uwsgi.connection_fd())
+            try:
+                uwsgi.websocket_handshake(key)
+            except OSError:
+                logger.warning("websocket handshake failed for %s", ticket.identity)
+                return []
+            transport = GeventSocketTransport(uwsgi.connection_fd())
         Session(ticket, transport, hub, store, subscribe_timeout=self.config.subscribe_timeout).run()
         return []
 
 
-_REASONS = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed", 426: "Upgrade Required"}
+_REASONS = {
+    400: "Bad Request",
+    403: "Forbidden",
+    405: "Method Not Allowed",
+    426: "Upgrade Required",
+    500: "Internal Server Error",
+}
 
 
 def _answer(start_response: StartResponse, status: int, text: str) -> list[bytes]:
     body = (text + "\n").encode("utf-8")
     headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
     if status == 426:
-        headers += [("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")]
+        # No "Upgrade" header: WSGI forbids hop-by-hop headers in applications.
+        headers.append(("Sec-WebSocket-Version", "13"))
     if status == 405:
         headers.append(("Allow", "GET"))
     start_response(f"{status} {_REASONS.get(status, 'Error')}", headers)

@@ -10,6 +10,7 @@ that a write watcher drains.
 from __future__ import annotations
 
 import collections
+import os
 import socket
 from typing import Protocol
 
@@ -47,8 +48,6 @@ class Transport(Protocol):
 
     def close(self) -> None:
         """Stop using the connection."""
-
-
 
 
 class GeventSocketTransport:
@@ -189,3 +188,135 @@ class GeventSocketTransport:
             self._sock.close()
         else:
             self._sock.detach()
+
+
+class ThreadedSocketTransport:
+    """A transport for servers with one thread per connection (the development server).
+
+    Reads happen in the session's thread, waiting with a selector on the socket and
+    on a wake-up pipe (so ``interrupt`` works); writes are queued without blocking
+    and a writer thread sends them, so a slow client never blocks the Hub.
+
+    Args:
+        sock: the connected socket; it stays owned by the server, which closes it.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        import selectors
+        import threading
+
+        self._sock = sock
+        sock.setblocking(True)
+        self._cond = threading.Condition()
+        self._queue: collections.deque[memoryview] = collections.deque()
+        self._queued = 0
+        self._head_started = False
+        self._interrupted = False
+        self.closed = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(sock, selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._writer = threading.Thread(target=self._write_forever, name="django_ws-writer", daemon=True)
+        self._writer.start()
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued
+
+    @property
+    def queued_messages(self) -> int:
+        return len(self._queue)
+
+    def recv(self, timeout: float) -> bytes | None:
+        if self.closed:
+            return b""
+        ready = {key.fileobj for key, _ in self._selector.select(timeout)}
+        if self._wake_r in ready:
+            os.read(self._wake_r, 512)
+        if self._interrupted:
+            self._interrupted = False
+            return None
+        if self._sock not in ready:
+            return None
+        try:
+            data = self._sock.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            self.closed = True
+        return data
+
+    def interrupt(self) -> None:
+        self._interrupted = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:  # pipe full or closed: a wake-up is pending anyway
+            pass
+
+    def send(self, data: bytes) -> None:
+        with self._cond:
+            if self.closed:
+                return
+            self._queue.append(memoryview(data))
+            self._queued += len(data)
+            self._cond.notify()
+
+    def _write_forever(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self.closed:
+                    self._cond.wait()
+                if self.closed:
+                    return
+                chunk = self._queue[0]
+            try:
+                sent = self._sock.send(chunk)
+            except OSError:
+                with self._cond:
+                    self.closed = True
+                    self._queue.clear()
+                    self._queued = 0
+                    self._cond.notify_all()
+                self.interrupt()
+                return
+            with self._cond:
+                self._queued -= sent
+                if sent < len(chunk):
+                    self._queue[0] = chunk[sent:]
+                    self._head_started = True
+                else:
+                    self._queue.popleft()
+                    self._head_started = False
+                if not self._queue:
+                    self._cond.notify_all()
+
+    def discard_queued(self) -> None:
+        with self._cond:
+            keep = 1 if self._head_started and self._queue else 0
+            while len(self._queue) > keep:
+                self._queued -= len(self._queue.pop())
+
+    def drain(self, timeout: float) -> bool:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._queue or self.closed, timeout)
+            return not self._queue and not self.closed
+
+    def close(self) -> None:
+        with self._cond:
+            already = self.closed and self._wake_r < 0
+            self.closed = True
+            self._cond.notify_all()
+        if already:
+            return
+        try:
+            # Unblocks the writer if it is stuck sending to a client that stopped reading.
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._writer.join(5)
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._wake_r = self._wake_w = -1

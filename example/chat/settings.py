@@ -12,12 +12,13 @@ ALLOWED_HOSTS = ["127.0.0.1", "localhost", "[::1]"] + [
 ]
 
 INSTALLED_APPS = [
+    # before staticfiles, so that its runserver (which also serves websockets) wins
+    "django_ws",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
-    "django_ws",
     "chat",
 ]
 
