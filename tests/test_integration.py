@@ -423,3 +423,53 @@ def test_slow_consumer_is_closed_with_4008_and_others_lose_nothing(stack, connec
         received += 1
     assert code in (4008, None)
     assert received < total
+
+
+# --------------------------------------------------------------------------- framing
+
+
+def test_ping_is_answered_with_pong(stack, connect):
+    ws = connect("subscribe-broadcast")
+    ws.ready()
+    ws.conn.ping(b"are you there")
+    while True:
+        opcode, data = ws.conn.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_PONG:
+            break
+    assert data == b"are you there"
+
+
+def test_close_handshake_is_answered(stack, connect):
+    ws = connect("subscribe-broadcast")
+    ws.ready()
+    ws.conn.send_close(1000, b"bye")
+    while True:
+        opcode, data = ws.conn.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            break
+    assert int.from_bytes(data[:2], "big") == 1000
+
+
+@pytest.mark.parametrize("opcode", [websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY])
+def test_fragmented_messages_are_published_whole(stack, project, connect, opcode):
+    sender = connect("publish-broadcast", session=project.cookie("alice"))
+    receiver = connect("subscribe-broadcast")
+    sender.ready(), receiver.ready()
+    parts = [b"frag-", b"men-", b"ted"]
+    sender.conn.send_frame(websocket.ABNF(0, 0, 0, 0, opcode, 1, parts[0]))
+    sender.conn.send_frame(websocket.ABNF(0, 0, 0, 0, websocket.ABNF.OPCODE_CONT, 1, parts[1]))
+    sender.conn.send_frame(websocket.ABNF(1, 0, 0, 0, websocket.ABNF.OPCODE_CONT, 1, parts[2]))
+    frame = receiver.next()
+    expected = b"frag-men-ted" if opcode == websocket.ABNF.OPCODE_BINARY else "frag-men-ted"
+    assert frame["data"] == expected
+
+
+def test_invalid_utf8_text_is_refused_with_1007(stack, project, connect, facility):
+    sender = connect("publish-broadcast&subscribe-broadcast", session=project.cookie("alice"))
+    sender.ready()
+    sender.conn.send_frame(websocket.ABNF(1, 0, 0, 0, websocket.ABNF.OPCODE_TEXT, 1, b"\xff\xfe"))
+    while True:
+        opcode, data = sender.conn.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            break
+    assert int.from_bytes(data[:2], "big") == 1007

@@ -157,6 +157,10 @@ class Session:
             elif isinstance(event, CloseConnection):
                 if self._ws.state is ConnectionState.REMOTE_CLOSING:
                     self._send_event(event.response())
+                elif self._ws.state is ConnectionState.OPEN:
+                    # wsproto found a protocol error (e.g. invalid UTF-8): its code is ours.
+                    logger.info("protocol error from %s: %s", self.ticket.identity, event.reason)
+                    self._send_event(CloseConnection(event.code, "protocol error"))
                 self._closing = True
                 self.transport.drain(2.0)
                 return
