@@ -44,6 +44,20 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                         id="django_ws.E002",
                     )
                 )
+    installed = list(getattr(settings, "INSTALLED_APPS", []))
+    if (
+        "django_ws" in installed
+        and "django.contrib.staticfiles" in installed
+        and installed.index("django_ws") > installed.index("django.contrib.staticfiles")
+    ):
+        problems.append(
+            Warning(
+                "django_ws comes after django.contrib.staticfiles in INSTALLED_APPS: "
+                "runserver will not serve websockets",
+                hint="Move 'django_ws' above 'django.contrib.staticfiles'; its runserver serves static files too.",
+                id="django_ws.W002",
+            )
+        )
     if conf.offload_to and conf.ticket_secret_derived:
         problems.append(
             Error(
