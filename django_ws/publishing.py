@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -18,6 +20,33 @@ __all__ = ["publish", "Published", "PublishError"]
 
 _lock = threading.Lock()
 _clients: dict[str, redis.Redis] = {}
+
+
+@dataclass(frozen=True)
+class PublishCall:
+    """A checked ``publish()`` call, as handed to an interceptor (see django_ws.testing)."""
+
+    facility: str
+    message: Any
+    broadcast: bool
+    users: list[str]
+    groups: list[str]
+    sessions: list[str]
+    history: bool
+    channels: list[str]
+
+
+_interceptors: list[Callable[[PublishCall], list[Published]]] = []
+
+
+@contextlib.contextmanager
+def intercept(handler: Callable[[PublishCall], list[Published]]) -> Iterator[None]:
+    """Send every ``publish()`` call to ``handler`` instead of Redis while active."""
+    _interceptors.append(handler)
+    try:
+        yield
+    finally:
+        _interceptors.remove(handler)
 
 
 def get_redis() -> redis.Redis:
@@ -75,16 +104,20 @@ def publish(
         validate_facility(facility)
     except BadRequest as exc:
         raise ValueError(exc.message) from None
-    audiences: list[Audience] = []
-    if broadcast:
-        audiences.append(Audience(Kind.BROADCAST))
-    audiences += [Audience(Kind.USER, _name(u, "users", _username)) for u in _many(users, "users")]
-    audiences += [Audience(Kind.GROUP, _name(g, "groups", _group_name)) for g in _many(groups, "groups")]
-    audiences += [Audience(Kind.SESSION, _name(s, "sessions", _session_key)) for s in _many(sessions, "sessions")]
+    user_names = [_name(u, "users", _username) for u in _many(users, "users")]
+    group_names = [_name(g, "groups", _group_name) for g in _many(groups, "groups")]
+    session_keys = [_name(s, "sessions", _session_key) for s in _many(sessions, "sessions")]
+    audiences: list[Audience] = [Audience(Kind.BROADCAST)] if broadcast else []
+    audiences += [Audience(Kind.USER, n) for n in user_names]
+    audiences += [Audience(Kind.GROUP, n) for n in group_names]
+    audiences += [Audience(Kind.SESSION, k) for k in session_keys]
     if not audiences:
         raise ValueError("publish() needs an audience: broadcast=True, users=[...], groups=[...] or sessions=[...]")
     kind, payload = encode_payload(message)
     channels = [channel_name(conf.prefix, facility, a) for a in audiences]
+    if _interceptors:
+        call = PublishCall(facility, message, broadcast, user_names, group_names, session_keys, history, channels)
+        return _interceptors[-1](call)
     store = Store(get_redis())
     return store.publish(
         channels,

@@ -40,6 +40,11 @@ class WebSocketWSGIHandler:
             self._websocket_app = WebSocketApplication(Config(secret=conf.ticket_secret, redis_url=conf.redis_url))
         return self._websocket_app
 
+    def close(self) -> None:
+        """Stop the websocket side (its Hub and Redis connections), if it was started."""
+        if self._websocket_app is not None:
+            self._websocket_app.close()
+
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         # Only the middleware may put a ticket here, never the incoming request.
         environ.pop(TICKET_VAR, None)

@@ -79,6 +79,14 @@ class WebSocketApplication:
             self._hub.start()
         return self._hub, self._store
 
+    def close(self) -> None:
+        """Stop the Hub and close the Redis connections (for servers that stop)."""
+        if self._hub is not None:
+            self._hub.stop()
+        if self._store is not None:
+            self._store.client.close()
+        self._hub = self._store = None
+
     @staticmethod
     def _gevent_patched() -> bool:
         from gevent import monkey
