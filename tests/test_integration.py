@@ -473,3 +473,22 @@ def test_invalid_utf8_text_is_refused_with_1007(stack, project, connect, facilit
         if opcode == websocket.ABNF.OPCODE_CLOSE:
             break
     assert int.from_bytes(data[:2], "big") == 1007
+
+
+def test_publish_flood_is_rate_limited_per_connection(stack, project, connect, facility):
+    # RATE_LIMIT defaults to 10 messages per second with bursts of 20. With echo on,
+    # every flood message comes back either as itself or as an error frame.
+    flooder = connect("publish-broadcast&subscribe-broadcast&echo", session=project.cookie("alice"))
+    flooder.ready()
+    for i in range(60):
+        flooder.send(f"flood {i}")
+    flooded, errors = [], 0
+    while len(flooded) + errors < 60:
+        frame = flooder.next()
+        if frame["type"] == "error":
+            assert frame["error"] == "rate limit exceeded: message dropped"
+            errors += 1
+        elif frame["type"] == "message":
+            flooded.append(frame["data"])
+    assert 20 <= len(flooded) < 60
+    assert flooded[:20] == [f"flood {i}" for i in range(20)]  # the burst, in order

@@ -342,3 +342,19 @@ def test_bad_handshakes(method, changes, status):
     with pytest.raises(BadRequest) as info:
         check_handshake(method, {**GOOD, **changes})
     assert info.value.status == status
+
+
+@given(st.binary(max_size=200))
+def test_envelope_parser_only_raises_value_error(raw):
+    try:
+        decode_envelope(raw)
+    except ValueError:
+        pass
+
+
+@given(st.binary(max_size=200))
+def test_binary_message_parser_only_raises_value_error(raw):
+    try:
+        parse_binary_message(raw)
+    except ValueError:
+        pass
