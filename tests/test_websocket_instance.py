@@ -64,9 +64,9 @@ def status_line(port: int, variables: dict[str, str]) -> bytes:
     return data.split(b"\r\n", 1)[0]
 
 
-def ticket(secret: str, *, expires_in: float = 10.0) -> str:
+def ticket(secret: str, *, expires_in: float = 10.0, channel: str = "{ws:direct:broadcast}") -> str:
     t = Ticket(
-        subscribe={"broadcast": "{ws:direct:broadcast}"},
+        subscribe={"broadcast": channel},
         limits=Limits(),
         expires=time.time() + expires_in,
     )
@@ -81,17 +81,17 @@ def test_valid_ticket_is_served(offload_stack, project):
 @pytest.mark.parametrize(
     "make",
     [
-        pytest.param(lambda secret: None, id="missing"),
-        pytest.param(lambda secret: ticket("not the secret"), id="forged"),
-        pytest.param(lambda secret: ticket(secret, expires_in=-60), id="expired"),
-        pytest.param(lambda secret: ticket(secret)[:-3] + "abc", id="tampered"),
+        pytest.param(lambda secret, channel: None, id="missing"),
+        pytest.param(lambda secret, channel: ticket("not the secret", channel=channel), id="forged"),
+        pytest.param(lambda secret, channel: ticket(secret, expires_in=-60, channel=channel), id="expired"),
+        pytest.param(lambda secret, channel: ticket(secret, channel=channel)[:-3] + "abc", id="tampered"),
     ],
 )
-def test_bad_tickets_are_refused_with_403(offload_stack, project, redis_server, make):
-    before = redis_server.client().pubsub_numsub("{ws:direct:broadcast}")[0][1]
-    line = status_line(offload_stack.ws_port, handshake_vars(make(project.env["DJANGO_WS_SECRET"])))
+def test_bad_tickets_are_refused_with_403(offload_stack, project, redis_server, facility, make):
+    channel = "{ws:%s:broadcast}" % facility
+    line = status_line(offload_stack.ws_port, handshake_vars(make(project.env["DJANGO_WS_SECRET"], channel)))
     assert line.startswith(b"HTTP/1.1 403"), line
-    assert redis_server.client().pubsub_numsub("{ws:direct:broadcast}")[0][1] == before
+    assert redis_server.client().pubsub_numsub(channel)[0][1] == 0  # nothing subscribed
 
 
 def test_uwsgi_is_built_with_ssl_and_pcre_routing():
