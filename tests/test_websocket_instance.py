@@ -88,7 +88,7 @@ def test_valid_ticket_is_served(offload_stack, project):
     ],
 )
 def test_bad_tickets_are_refused_with_403(offload_stack, project, redis_server, facility, make):
-    channel = "{ws:%s:broadcast}" % facility
+    channel = "{ws:" + facility + ":broadcast}"
     line = status_line(offload_stack.ws_port, handshake_vars(make(project.env["DJANGO_WS_SECRET"], channel)))
     assert line.startswith(b"HTTP/1.1 403"), line
     assert redis_server.client().pubsub_numsub(channel)[0][1] == 0  # nothing subscribed
