@@ -218,7 +218,7 @@ def test_connection_without_publish_right_gets_an_error_frame(stack, connect):
     ws = connect("subscribe-broadcast")
     ws.ready()
     ws.send("not allowed")
-    assert ws.next() == {"type": "error", "error": "this connection may not publish"}
+    assert ws.next() == {"type": "error", "code": "forbidden", "error": "this connection may not publish"}
 
 
 def test_a_django_view_publishes(stack, project, connect, facility):
@@ -486,7 +486,7 @@ def test_publish_flood_is_rate_limited_per_connection(stack, project, connect, f
     while len(flooded) + errors < 60:
         frame = flooder.next()
         if frame["type"] == "error":
-            assert frame["error"] == "rate limit exceeded: message dropped"
+            assert frame["code"] == "rate_limited"
             errors += 1
         elif frame["type"] == "message":
             flooded.append(frame["data"])

@@ -109,7 +109,8 @@ class Session:
                     self.close(1013, "try again later")
                     return
             self._synchronise(channels, first=True)
-            self.transport.send(text_frame({"type": "ready"}))
+            # The heartbeat interval lets clients notice a dead connection in time.
+            self.transport.send(text_frame({"type": "ready", "heartbeat": self.ticket.limits.heartbeat}))
             self._loop()
         except Exception:
             logger.exception("websocket session of %s failed", self.ticket.identity)
@@ -204,10 +205,10 @@ class Session:
 
     def _publish(self, kind: bytes, payload: bytes) -> None:
         if not self.ticket.publish:
-            self._error("this connection may not publish")
+            self._error("forbidden", "this connection may not publish")
             return
         if not self._limiter.allow(self._clock()):
-            self._error("rate limit exceeded: message dropped")
+            self._error("rate_limited", "rate limit exceeded: message dropped")
             return
         limits = self.ticket.limits
         try:
@@ -221,10 +222,11 @@ class Session:
             )
         except PublishError as exc:
             logger.error("publish from %s failed: %s", self.ticket.identity, exc)
-            self._error("message not published: server unavailable")
+            self._error("unavailable", "message not published: server unavailable")
 
-    def _error(self, text: str) -> None:
-        self.transport.send(text_frame({"type": "error", "error": text}))
+    def _error(self, code: str, text: str) -> None:
+        """Tell the client its last message was not published: ``code`` is for programs."""
+        self.transport.send(text_frame({"type": "error", "code": code, "error": text}))
 
     # ----------------------------------------------------------------- delivery
 

@@ -315,6 +315,15 @@ test("close() from inside a listener stops the processing of the frame", () => {
   ws.receive({ type: "ready" });
   assert.deepEqual(ready, []);
   assert.equal(env.clock.pending, 0);
+
+  const env2 = fakeEnv();
+  const conn2 = connect(TARGET, env2.options);
+  conn2.send("queued");
+  conn2.on("status", (status) => status === "connected" && conn2.close());
+  const ready2 = record(conn2, ["ready"]);
+  greet(env2.WebSocket.last);
+  assert.deepEqual(ready2, [], "closed by a status listener: no ready event");
+  assert.deepEqual(env2.WebSocket.last.sent, [], "nor queued messages sent");
 });
 
 test("offline pauses reconnection; online reconnects at once", () => {
