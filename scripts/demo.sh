@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-scripts/bootstrap.sh
+SKIP_BROWSER=${SKIP_BROWSER:-1} EXTRAS=${EXTRAS:-server,django} scripts/bootstrap.sh
 PY="$ROOT/${VENV:-.venv}/bin/python"
 export PATH="$ROOT/${VENV:-.venv}/bin:$PATH"
 RUN="$ROOT/.demo"
