@@ -15,7 +15,7 @@ from typing import Any
 
 from django.core.servers.basehttp import ServerHandler, WSGIRequestHandler, WSGIServer
 
-from uwsgi_ws.app import ACCEPT_KEY
+from uwsgi_ws.app import ACCEPT_KEY, ACCEPT_STREAM_KEY
 from uwsgi_ws.protocol import accept_key
 from uwsgi_ws.transport import ThreadedSocketTransport
 
@@ -41,7 +41,17 @@ class WebSocketRequestHandler(WSGIRequestHandler):
         environ = super().get_environ()
         if self.headers.get("Upgrade", "").lower() == "websocket":
             environ[ACCEPT_KEY] = self.accept_websocket
+        elif "text/event-stream" in self.headers.get("Accept", ""):
+            environ[ACCEPT_STREAM_KEY] = self.accept_stream
         return environ
+
+    def accept_stream(self, headers: list[tuple[str, str]]) -> ThreadedSocketTransport:
+        """Start an event stream with ``headers`` and return its transport."""
+        self.upgraded = True
+        head = "HTTP/1.1 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+        self.connection.sendall(head.encode("latin-1") + b"retry: 2000\n\n")
+        self.log_request(200)
+        return ThreadedSocketTransport(self.connection)
 
     def accept_websocket(self, key: str) -> ThreadedSocketTransport:
         """Answer the handshake and return the transport of the websocket."""

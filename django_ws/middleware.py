@@ -20,21 +20,27 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 from django.core.exceptions import DisallowedHost
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from uwsgi_ws.exceptions import BadRequest, Refused
+from uwsgi_ws.exceptions import BadRequest, PublishError, Refused
 from uwsgi_ws.protocol import (
+    KIND_BINARY,
+    KIND_TEXT,
     Audience,
     Kind,
     Ticket,
+    channel_label,
     channel_name,
     check_handshake,
+    parse_event_id,
     parse_query,
     sign_ticket,
     validate_facility,
+    wants_event_stream,
 )
 
 from .conf import WsSettings, get_settings
@@ -57,11 +63,14 @@ class WebSocketMiddleware:
         conf = get_settings()
         if not request.path_info.startswith(conf.url):
             return self.get_response(request)
+        facility = request.path_info[len(conf.url) :]
         try:
-            ticket = self.authorize(request, request.path_info[len(conf.url) :], conf)
+            if request.method == "POST":
+                return self.publish(request, facility, conf)
+            ticket = self.authorize(request, facility, conf)
         except BadRequest as exc:
             if isinstance(exc, Refused):
-                logger.info("refused websocket to %s: %s", request.path_info, exc.message)
+                logger.info("refused %s %s: %s", request.method, request.path_info, exc.message)
             return _plain(exc.status, exc.message)
         return self.hand_over(request, sign_ticket(ticket, conf.ticket_secret), conf)
 
@@ -74,12 +83,21 @@ class WebSocketMiddleware:
             BadRequest: malformed handshake, facility or query (4xx).
             Refused: origin or authorization refused (403).
         """
-        check_handshake(request.method or "", request.META)
+        stream = wants_event_stream(request.method or "", request.META)
+        if not stream:
+            check_handshake(request.method or "", request.META)
         check_origin(request, conf)
         validate_facility(facility)
         if conf.facilities is not None and facility not in conf.facilities:
             raise BadRequest(f"unknown facility {facility!r}", status=404)
         asked = parse_query(request.META.get("QUERY_STRING", ""))
+        recover = dict(asked.recover)
+        if stream:
+            # An event stream is one way: clients publish with a POST to the same URL.
+            asked = replace(asked, publish=frozenset())
+            last_event_id = request.META.get("HTTP_LAST_EVENT_ID")
+            if last_event_id:
+                recover = parse_event_id(last_event_id)  # the browser's reconnection
 
         subscribe: dict[str, str] = {}
         for kind in sorted(asked.subscribe, key=lambda k: k.value):
@@ -97,11 +115,63 @@ class WebSocketMiddleware:
             publish=tuple(publish),
             echo=asked.echo,
             latest=asked.latest,
-            recover={label: p for label, p in asked.recover.items() if label in subscribe},
+            recover={label: p for label, p in recover.items() if label in subscribe},
             identity=_identity(request),
             limits=conf.limits(),
             expires=time.time() + conf.ticket_ttl,
+            stream=stream,
         )
+
+    def publish(self, request: HttpRequest, facility: str, conf: WsSettings) -> HttpResponse:
+        """Publish the body of a POST to the audiences of its ``publish-*`` parameters.
+
+        This is how event-stream clients (and any HTTP client) publish, with the same
+        rights as a websocket's ``publish-*``, and CSRF protection.
+
+        Raises:
+            BadRequest: bad facility, query or body; Refused: CSRF, origin or rights.
+        """
+        from django.middleware.csrf import CsrfViewMiddleware
+
+        if int(request.META.get("CONTENT_LENGTH") or 0) > conf.max_message_size:
+            raise BadRequest(f"message larger than {conf.max_message_size} bytes", status=413)
+        body = request.body  # read first: the CSRF check may parse a form body
+        refusal = CsrfViewMiddleware(self.get_response).process_view(request, _csrf_protected, (), {})
+        if refusal is not None:
+            raise Refused("CSRF verification failed")
+        check_origin(request, conf)
+        validate_facility(facility)
+        if conf.facilities is not None and facility not in conf.facilities:
+            raise BadRequest(f"unknown facility {facility!r}", status=404)
+        asked = parse_query(request.META.get("QUERY_STRING", ""))
+        if not asked.publish:
+            raise BadRequest("say where to publish: publish-broadcast, publish-user, publish-group or publish-session")
+        channels = []
+        for kind in sorted(asked.publish, key=lambda k: k.value):
+            for audience in resolve(request, kind, "publish"):
+                _require(conf, request, facility, "publish", audience)
+                channels.append(channel_name(conf.prefix, facility, audience))
+        if request.content_type == "application/octet-stream":
+            kind_, payload = KIND_BINARY, body
+        else:
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadRequest("text messages must be UTF-8; send binary as application/octet-stream") from None
+            kind_, payload = KIND_TEXT, body
+        from uwsgi_ws.store import Store
+
+        from .publishing import get_redis
+
+        try:
+            published = Store(get_redis()).publish(
+                channels, kind_, payload, history_size=conf.history_size, history_ttl=conf.history_ttl
+            )
+        except PublishError as exc:
+            logger.error("publish from %s failed: %s", _identity(request), exc)
+            return _plain(503, "message not published: server unavailable")
+        answer = [{"channel": channel_label(p.channel), "offset": p.offset, "epoch": p.epoch} for p in published]
+        return JsonResponse({"published": answer})
 
     # ----------------------------------------------------------------- hand-over
 
@@ -187,6 +257,11 @@ def _identity(request: HttpRequest) -> str:
     if user is not None and user.is_authenticated:
         return f"user:{user.pk}"
     return "anonymous"
+
+
+def _csrf_protected(request: HttpRequest) -> HttpResponse:  # pragma: no cover - never called
+    """Stands for a CSRF-protected view when the middleware checks a publishing POST."""
+    raise AssertionError
 
 
 def _plain(status: int, text: str) -> HttpResponse:

@@ -150,7 +150,8 @@ def test_plain_get_gets_426_with_an_explanation(stack):
 
 
 def test_wrong_method_gets_405(stack):
-    status, _ = _http(stack, "POST", "/ws/chat?subscribe-broadcast")
+    # POST publishes (see test_sse.py); other methods have no meaning here.
+    status, _ = _http(stack, "PUT", "/ws/chat?subscribe-broadcast")
     assert status == 405
 
 

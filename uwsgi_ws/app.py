@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import redis
@@ -23,8 +23,8 @@ import redis
 from .config import Config
 from .exceptions import BadRequest, TicketError
 from .hub import Hub, connection_factory
-from .protocol import check_handshake, verify_ticket
-from .session import Session
+from .protocol import SSE_HEADERS, Ticket, check_handshake, verify_ticket
+from .session import EventStreamSession, Session
 from .store import Store
 from .transport import GeventSocketTransport, Transport
 
@@ -35,6 +35,8 @@ TICKET_VAR = "DJANGO_WS_TICKET"
 # handshake key, it answers the handshake itself and returns the connection's
 # transport. Without it, uWSGI's native handshake is used.
 ACCEPT_KEY = "django_ws.accept"
+# The same for event streams: given the response headers, it sends them.
+ACCEPT_STREAM_KEY = "django_ws.accept_stream"
 
 StartResponse = Callable[..., Any]
 
@@ -102,21 +104,27 @@ class WebSocketApplication:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         try:
             ticket = verify_ticket(environ.get(TICKET_VAR), self.config.secret, leeway=self.config.clock_skew)
-            key = check_handshake(environ.get("REQUEST_METHOD", ""), environ)
+            if ticket.stream:
+                if environ.get("REQUEST_METHOD") != "GET":
+                    raise BadRequest("event streams use GET", status=405)
+                key = ""
+            else:
+                key = check_handshake(environ.get("REQUEST_METHOD", ""), environ)
         except TicketError as exc:
-            logger.warning("refused websocket from %s: %s", environ.get("REMOTE_ADDR", "?"), exc.reason)
+            logger.warning("refused connection from %s: %s", environ.get("REMOTE_ADDR", "?"), exc.reason)
             return _answer(start_response, 403, "forbidden")
         except BadRequest as exc:
             return _answer(start_response, exc.status, exc.message)
+        if ticket.stream:
+            return self._stream(ticket, environ, start_response)
         accept = environ.get(ACCEPT_KEY)
         transport: Transport
         if accept is not None:
-            hub, store = self._runtime()
             transport = accept(key)
         else:
             if not self._gevent_patched():
                 return _answer(start_response, 500, "server misconfigured")
-            hub, store = self._runtime()
+            self._runtime()  # before the handshake: a Redis problem is then a clean error
             import uwsgi
 
             try:
@@ -125,8 +133,32 @@ class WebSocketApplication:
                 logger.warning("websocket handshake failed for %s", ticket.identity)
                 return []
             transport = GeventSocketTransport(uwsgi.connection_fd())
-        Session(ticket, transport, hub, store, subscribe_timeout=self.config.subscribe_timeout).run()
+        self._serve(Session, ticket, transport)
         return []
+
+    def _serve(self, session_class: type[Session], ticket: Ticket, transport: Transport) -> None:
+        hub, store = self._runtime()
+        session_class(ticket, transport, hub, store, subscribe_timeout=self.config.subscribe_timeout).run()
+
+    def _stream(self, ticket: Ticket, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        """Serve a Server-Sent Events stream."""
+        accept_stream = environ.get(ACCEPT_STREAM_KEY)
+        if accept_stream is not None:
+            self._serve(EventStreamSession, ticket, accept_stream(SSE_HEADERS))
+            return []
+        if not self._gevent_patched():
+            return _answer(start_response, 500, "server misconfigured")
+        start_response("200 OK", list(SSE_HEADERS))
+
+        def body() -> Iterator[bytes]:
+            # uWSGI writes the headers and this first chunk before the generator goes
+            # on; from then on the session writes to the socket itself.
+            yield b"retry: 2000\n\n"
+            import uwsgi
+
+            self._serve(EventStreamSession, ticket, GeventSocketTransport(uwsgi.connection_fd()))
+
+        return body()
 
 
 _REASONS = {

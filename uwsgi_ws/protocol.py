@@ -300,6 +300,7 @@ class Ticket:
         identity: who this is, for logs only (``user:alice``, ``anonymous``).
         limits: the connection's limits.
         expires: Unix time after which the ticket is refused.
+        stream: serve a Server-Sent Events stream instead of a websocket.
     """
 
     subscribe: Mapping[str, str]
@@ -310,6 +311,7 @@ class Ticket:
     identity: str = "anonymous"
     limits: Limits = field(default_factory=Limits)
     expires: float = 0.0
+    stream: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -331,6 +333,7 @@ class Ticket:
                 self.limits.history_ttl,
             ],
             "x": self.expires,
+            "t": self.stream,
         }
 
     @classmethod
@@ -347,6 +350,7 @@ class Ticket:
                 identity=str(data["i"]),
                 limits=Limits(*data["m"]),
                 expires=float(data["x"]),
+                stream=bool(data.get("t", False)),
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError):
             raise TicketError("malformed ticket") from None
@@ -638,3 +642,67 @@ def accept_key(key: str) -> str:
     """Return the Sec-WebSocket-Accept value answering ``key``."""
     digest = hashlib.sha1((key + WEBSOCKET_GUID).encode("ascii")).digest()
     return base64.b64encode(digest).decode("ascii")
+
+
+# --------------------------------------------------------------------------- Server-Sent Events
+
+SSE_HEADERS = [
+    ("Content-Type", "text/event-stream; charset=utf-8"),
+    ("Cache-Control", "no-cache, no-transform"),
+    ("X-Accel-Buffering", "no"),  # nginx: do not buffer the stream
+]
+
+
+def wants_event_stream(method: str, headers: Mapping[str, str]) -> bool:
+    """Tell whether a request asks for a Server-Sent Events stream rather than a websocket."""
+    return (
+        method == "GET"
+        and "text/event-stream" in headers.get("HTTP_ACCEPT", "")
+        and not headers.get("HTTP_UPGRADE")
+    )
+
+
+def encode_event_id(positions: Mapping[str, tuple[int, str]]) -> str:
+    """Return an SSE event id carrying every channel's position (label -> (offset, epoch)).
+
+    The browser sends the last id back as Last-Event-ID when it reconnects, so one id
+    must describe all channels of the stream.
+    """
+    document = {label: [offset, epoch] for label, (offset, epoch) in positions.items()}
+    return _b64(json.dumps(document, separators=(",", ":")).encode("utf-8"))
+
+
+def parse_event_id(text: str) -> dict[str, Position]:
+    """Read the positions of a Last-Event-ID made by :func:`encode_event_id`.
+
+    Raises:
+        BadRequest: the id is not one of ours.
+    """
+    try:
+        document = _unb64(text.strip()).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("malformed Last-Event-ID") from None
+    return _parse_positions(document)
+
+
+def sse_event(event: str, data: str, event_id: str | None = None) -> bytes:
+    """Return one Server-Sent Event; a multi-line ``data`` becomes several data lines."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    lines = "".join(f"data: {line}\n" for line in data.split("\n"))
+    return f"{head}event: {event}\n{lines}\n".encode()
+
+
+def sse_message_data(label: str, envelope: Envelope) -> str:
+    """Return the JSON carried by an SSE "message" event: a websocket text message's
+    document; binary payloads are base64-encoded with ``"binary": true``."""
+    head = {"type": "message", "channel": label, "offset": envelope.offset, "epoch": envelope.epoch}
+    if envelope.kind == KIND_BINARY:
+        head["data"] = base64.b64encode(envelope.payload).decode("ascii")
+        head["binary"] = True
+        return json.dumps(head, separators=(",", ":"))
+    if envelope.kind == KIND_JSON:
+        data = envelope.payload.decode("utf-8")
+    else:
+        data = json.dumps(envelope.payload.decode("utf-8"), ensure_ascii=False)
+    text = json.dumps(head, separators=(",", ":"))
+    return text[:-1] + ',"data":' + data + "}"

@@ -17,6 +17,7 @@ Close codes used (besides the standard ones wsproto picks for protocol errors):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -38,6 +39,9 @@ from .protocol import (
     Ticket,
     client_frame,
     decide_recovery,
+    encode_event_id,
+    sse_event,
+    sse_message_data,
     text_frame,
 )
 from .store import ChannelState, Store
@@ -110,7 +114,7 @@ class Session:
                     return
             self._synchronise(channels, first=True)
             # The heartbeat interval lets clients notice a dead connection in time.
-            self.transport.send(text_frame({"type": "ready", "heartbeat": self.ticket.limits.heartbeat}))
+            self.transport.send(self._control("ready", {"type": "ready", "heartbeat": self.ticket.limits.heartbeat}))
             self._loop()
         except Exception:
             logger.exception("websocket session of %s failed", self.ticket.identity)
@@ -136,18 +140,37 @@ class Session:
                 break
             if data:
                 last_heard = now
-                self._ws.receive_data(data)
-                self._handle_events()
+                self._received(data)
             if now >= next_beat:
-                if now - last_heard > 3 * interval:
+                if self.answers_heartbeats and now - last_heard > 3 * interval:
                     logger.info("closing silent websocket of %s", self.ticket.identity)
                     self.close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
                     break
-                # The ping is answered by any client library; the heartbeat frame is
-                # for browsers, whose scripts never see pings.
-                self._send_event(Ping(b""))
-                transport.send(HEARTBEAT_FRAME)
+                self._heartbeat()
                 next_beat = now + interval
+
+    # ----------------------------------------------------------------- framing
+    # What differs between a websocket and an event stream (see EventStreamSession).
+
+    #: The client answers heartbeats (websocket pings), so silence means it is gone.
+    answers_heartbeats = True
+
+    def _received(self, data: bytes) -> None:
+        self._ws.receive_data(data)
+        self._handle_events()
+
+    def _heartbeat(self) -> None:
+        # The ping is answered by any client library; the heartbeat frame is for
+        # browsers, whose scripts never see pings.
+        self._send_event(Ping(b""))
+        self.transport.send(HEARTBEAT_FRAME)
+
+    def _control(self, event: str, document: dict[str, object]) -> bytes:
+        return text_frame(document)
+
+    def _message(self, label: str, envelope: Envelope, frame: bytes | None) -> bytes:
+        """Return the bytes delivering ``envelope``; the Hub's shared ``frame`` if given."""
+        return frame if frame is not None else client_frame(label, envelope)
 
     def _handle_events(self) -> None:
         for event in self._ws.events():
@@ -180,9 +203,12 @@ class Session:
         if self._closing:
             return
         self._closing = True
+        self._send_close(code, reason)
+        self.transport.drain(2.0)
+
+    def _send_close(self, code: int, reason: str) -> None:
         if self._ws.state is ConnectionState.OPEN:
             self._send_event(CloseConnection(code, reason))
-        self.transport.drain(2.0)
 
     # ----------------------------------------------------------------- client frames
 
@@ -226,7 +252,7 @@ class Session:
 
     def _error(self, code: str, text: str) -> None:
         """Tell the client its last message was not published: ``code`` is for programs."""
-        self.transport.send(text_frame({"type": "error", "code": code, "error": text}))
+        self.transport.send(self._control("error", {"type": "error", "code": code, "error": text}))
 
     # ----------------------------------------------------------------- delivery
 
@@ -247,7 +273,7 @@ class Session:
         if envelope.sender == self.id and not self.ticket.echo:
             return
         transport = self.transport
-        transport.send(frame)
+        transport.send(self._message(self._labels[channel], envelope, frame))
         limits = self.ticket.limits
         if transport.queued_bytes > limits.queue_bytes or transport.queued_messages > limits.queue_messages:
             self._overflow()
@@ -263,7 +289,7 @@ class Session:
         )
         self.transport.discard_queued()
         self._closing = True
-        self._send_event(CloseConnection(CLOSE_SLOW_CONSUMER, "slow consumer"))
+        self._send_close(CLOSE_SLOW_CONSUMER, "slow consumer")
         self.transport.interrupt()  # the session's loop then drains briefly and ends
 
     def resync(self, channel: str) -> None:
@@ -301,19 +327,54 @@ class Session:
             label = self._labels[channel]
             outcome = decide_recovery(since, state.epoch, state.top, state.history, latest=latest)
             for envelope in outcome.envelopes:
+                self._positions[channel] = (envelope.epoch, envelope.offset)
                 if envelope.sender != self.id or self.ticket.echo:
-                    self.transport.send(client_frame(label, envelope))
+                    self.transport.send(self._message(label, envelope, None))
             self._positions[channel] = (outcome.position.epoch, outcome.position.offset)
             self.transport.send(
-                text_frame(
+                self._control(
+                    "subscribed",
                     {
                         "type": "subscribed",
                         "channel": label,
                         "offset": outcome.position.offset,
                         "epoch": outcome.position.epoch,
                         "recovered": outcome.recovered,
-                    }
+                    },
                 )
             )
             for envelope, frame in self._held.pop(channel, []):
                 self._deliver(channel, envelope, frame)
+
+
+class EventStreamSession(Session):
+    """Serve a Server-Sent Events stream: the same subscriptions, history and
+    recovery as a websocket, one way.
+
+    Every event's id carries the positions of all channels, so the browser's
+    automatic reconnection (Last-Event-ID) resumes exactly where it stopped. A
+    comment line every heartbeat keeps proxies from closing an idle stream.
+    """
+
+    answers_heartbeats = False
+
+    def _received(self, data: bytes) -> None:
+        pass  # a client has nothing to say on an event stream
+
+    def _heartbeat(self) -> None:
+        self.transport.send(b": heartbeat\n\n")
+
+    def _event_id(self) -> str:
+        return encode_event_id(
+            {self._labels[c]: (offset, epoch) for c, (epoch, offset) in self._positions.items()}
+        )
+
+    def _control(self, event: str, document: dict[str, object]) -> bytes:
+        data = json.dumps(document, separators=(",", ":"))
+        return sse_event(event, data, self._event_id() if event == "subscribed" else None)
+
+    def _message(self, label: str, envelope: Envelope, frame: bytes | None) -> bytes:
+        return sse_event("message", sse_message_data(label, envelope), self._event_id())
+
+    def _send_close(self, code: int, reason: str) -> None:
+        self.transport.send(sse_event("close", json.dumps({"type": "close", "code": code, "reason": reason})))

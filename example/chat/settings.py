@@ -73,6 +73,7 @@ DJANGO_WS = {
     "CLIENT_PUBLISH": ("broadcast", "user", "group"),
     "HISTORY_SIZE": int(os.environ.get("DJANGO_WS_HISTORY_SIZE", "100")),
     "HISTORY_TTL": float(os.environ.get("DJANGO_WS_HISTORY_TTL", "900")),
+    "HEARTBEAT": float(os.environ.get("DJANGO_WS_HEARTBEAT", "20")),
 }
 
 LOGGING = {
