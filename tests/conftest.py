@@ -227,6 +227,7 @@ def start_stack(mode: str, project: Project, tmp: Path, **extra: str) -> Stack:
         "DJANGO_WS_ASYNC": "3000",
         "DJANGO_WS_WORKERS": "1",
         "DJANGO_WS_POOL_SIZE": "4",
+        "DJANGO_DEBUG": "0",  # as in production: no debug pages
         **extra,
     }
     if ws_port:
