@@ -53,6 +53,11 @@ DEFAULTS: dict[str, Any] = {
     # Secret shared with the websocket instance. Default: $DJANGO_WS_SECRET, else
     # (single-instance mode only) derived from SECRET_KEY.
     "TICKET_SECRET": None,
+    # publish(): attempts after a failure to reach Redis, and the first pause between
+    # them (doubling each time). A retried message may arrive twice if Redis took it
+    # but its answer was lost; 0 retries (the default) never duplicates.
+    "PUBLISH_RETRIES": 0,
+    "PUBLISH_RETRY_DELAY": 0.1,
     # Seconds a hand-over ticket stays valid.
     "TICKET_TTL": 15,
     # uWSGI socket of the websocket instance ("127.0.0.1:8001" or a unix path).
@@ -87,6 +92,8 @@ class WsSettings:
     ticket_secret_derived: bool
     ticket_ttl: float
     offload_to: str | None
+    publish_retries: int
+    publish_retry_delay: float
 
     def limits(self) -> Limits:
         return Limits(
@@ -211,6 +218,8 @@ def _read() -> WsSettings:
         ticket_secret_derived=derived,
         ticket_ttl=_positive(s, "TICKET_TTL"),
         offload_to=offload_to,
+        publish_retries=_int(s, "PUBLISH_RETRIES", 0),
+        publish_retry_delay=_positive(s, "PUBLISH_RETRY_DELAY"),
     )
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +20,7 @@ from .conf import get_settings
 
 __all__ = ["publish", "Published", "PublishError"]
 
+logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 _clients: dict[str, redis.Redis] = {}
 
@@ -119,13 +122,23 @@ def publish(
         call = PublishCall(facility, message, broadcast, user_names, group_names, session_keys, history, channels)
         return _interceptors[-1](call)
     store = Store(get_redis())
-    return store.publish(
-        channels,
-        kind,
-        payload,
-        history_size=conf.history_size if history else 0,
-        history_ttl=conf.history_ttl,
-    )
+    delay = conf.publish_retry_delay
+    for attempt in range(conf.publish_retries + 1):
+        try:
+            return store.publish(
+                channels,
+                kind,
+                payload,
+                history_size=conf.history_size if history else 0,
+                history_ttl=conf.history_ttl,
+            )
+        except PublishError:
+            if attempt == conf.publish_retries:
+                raise
+            logger.warning("publish to %s failed, retrying in %.2fs", facility, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _many(values: Iterable[Any], name: str) -> Iterable[Any]:

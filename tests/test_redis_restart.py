@@ -88,3 +88,37 @@ def test_messages_published_while_the_hub_reconnects_arrive_once_in_order(offloa
     data = ws.until("end")
     assert data == [f"m{i}" for i in range(5)]
     ws.close()
+
+
+@pytest.mark.timeout(60)
+def test_publish_retries_until_redis_is_back(project, tmp_path, ws_settings, caplog):
+    """With PUBLISH_RETRIES, a publish during a short outage waits for Redis instead of failing."""
+    import threading
+
+    import django_ws
+
+    port = free_port()
+    ws_settings(REDIS_URL=f"redis://127.0.0.1:{port}/0", PUBLISH_RETRIES=8, PUBLISH_RETRY_DELAY=0.05)
+    outcome = {}
+
+    def publish():
+        try:
+            outcome["result"] = django_ws.publish("retry", "after the outage", broadcast=True)
+        except django_ws.PublishError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=publish)
+    caplog.set_level("WARNING", logger="django_ws.publishing")
+    thread.start()  # Redis is not there yet: the first attempt fails, and is retried
+    wait_for(lambda: any("retrying" in r.getMessage() for r in caplog.records), what="a retry")
+    proc = subprocess.Popen(
+        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        thread.join(30)
+        assert "error" not in outcome, outcome
+        assert outcome["result"][0].offset == 1
+    finally:
+        stop(proc, signal.SIGTERM)
