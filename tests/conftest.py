@@ -62,6 +62,32 @@ def port_open(port: int) -> bool:
         return False
 
 
+def ancestors(pid: int) -> list[int]:
+    """Return the parent, grandparent... of a process, up to init."""
+    chain = []
+    while pid > 1:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        chain.append(pid)
+    return chain
+
+
+def descendants(root: int) -> list[int]:
+    """Return the processes below ``root`` (a process this suite started)."""
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and root in ancestors(int(e))]
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
 def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

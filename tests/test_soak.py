@@ -20,6 +20,7 @@ import urllib.parse
 import pytest
 
 import django_ws
+from tests.conftest import cmdline, descendants
 
 MINUTES = float(os.environ.get("SOAK_MINUTES", "1"))
 CONNECTIONS = int(os.environ.get("SOAK_CONNECTIONS", "1000"))
@@ -38,24 +39,6 @@ def _rss_kb(pids: list[int]) -> int:
         except FileNotFoundError:
             pass
     return total
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
 
 
 class Client:
@@ -120,11 +103,7 @@ class Client:
 @pytest.mark.timeout(int(MINUTES * 60 + 600))
 def test_soak_nothing_lost_nothing_grows(offload_stack, redis_server, facility):
     url = offload_stack.url(f"/ws/{facility}?subscribe-broadcast")
-    ws_pids = [
-        pid
-        for pid in _descendants(offload_stack.procs[0].pid)
-        if b"uwsgi.ini.example:websocket" in open(f"/proc/{pid}/cmdline", "rb").read()
-    ]
+    ws_pids = [pid for pid in descendants(offload_stack.procs[0].pid) if "ini.example:websocket" in cmdline(pid)]
     assert ws_pids, "websocket instance processes not found"
     published: list[int] = []  # sequence numbers, in publish order
 

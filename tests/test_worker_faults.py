@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 import urllib.parse
 
 import pytest
 import websocket
 
 import django_ws
-from tests.conftest import WS, start_stack, stop, wait_for
+from tests.conftest import WS, ancestors, cmdline, descendants, start_stack, stop, wait_for
 
 
 @pytest.mark.timeout(120)
@@ -31,7 +32,7 @@ def test_killed_worker_clients_recover_and_nothing_leaks(project, redis_server, 
             return {pid for pid, counts in redis_server.worker_connections().items() if counts["hub"]}
 
         before_kill = ws_workers()
-        [worker] = [pid for pid in before_kill if stack.procs[0].pid in _ancestors(pid)]
+        [worker] = [pid for pid in before_kill if stack.procs[0].pid in ancestors(pid)]
         os.kill(worker, signal.SIGKILL)  # a worker of the stack this test started
         for ws in clients:
             with pytest.raises((websocket.WebSocketConnectionClosedException, ConnectionError, OSError)):
@@ -55,7 +56,7 @@ def test_killed_worker_clients_recover_and_nothing_leaks(project, redis_server, 
         # The dead worker's connections are gone; the new worker has its own, as before.
         after = redis_server.worker_connections()
         assert worker not in after
-        new_workers = {pid for pid in ws_workers() - before_kill if stack.procs[0].pid in _ancestors(pid)}
+        new_workers = {pid for pid in ws_workers() - before_kill if stack.procs[0].pid in ancestors(pid)}
         assert len(new_workers) == 1
         [new] = new_workers
         assert after[new]["hub"] == 1 and after[new]["pool"] <= 4
@@ -66,10 +67,46 @@ def test_killed_worker_clients_recover_and_nothing_leaks(project, redis_server, 
             stop(proc)
 
 
-def _ancestors(pid: int) -> list[int]:
-    chain = []
-    while pid > 1:
-        with open(f"/proc/{pid}/stat") as f:
-            pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        chain.append(pid)
-    return chain
+@pytest.mark.timeout(120)
+def test_graceful_reload_closes_with_1012_and_clients_recover(project, redis_server, tmp_path, facility):
+    stack = start_stack("offload", project, tmp_path)
+    try:
+        url = stack.url(f"/ws/{facility}?subscribe-broadcast")
+        clients = [WS(url) for _ in range(10)]
+        for ws in clients:
+            ws.ready()
+        django_ws.publish(facility, "before", broadcast=True)
+        positions = [ws.next() for ws in clients]
+        ws_master = next(
+            pid
+            for pid in descendants(stack.procs[0].pid)
+            if "uwsgi.ini.example:websocket" in cmdline(pid) and "websocket" not in cmdline(ancestors(pid)[0])
+        )
+        started = time.monotonic()
+        os.kill(ws_master, signal.SIGHUP)  # graceful reload of the instance this test started
+        for ws in clients:
+            while True:
+                opcode, data = ws.conn.recv_data(control_frame=True)
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    break
+            assert int.from_bytes(data[:2], "big") == 1012
+        closed_after = time.monotonic() - started
+        django_ws.publish(facility, "during reload", broadcast=True)
+
+        def reconnect(position):
+            query = urllib.parse.quote(json.dumps({"broadcast": [position["offset"], position["epoch"]]}))
+            try:
+                return WS(url + "&recover=" + query)
+            except (OSError, websocket.WebSocketException):
+                return None
+
+        for p in positions:
+            again = wait_for(lambda p=p: reconnect(p), what="reloaded worker")
+            frames = again.ready()
+            assert [f["data"] for f in frames if f["type"] == "message"] == ["during reload"]
+            again.close()
+        print(f"graceful reload: 10 clients closed with 1012 after {closed_after:.2f}s and recovered")
+        assert closed_after < 10  # far less than the reload mercy (60 s)
+    finally:
+        for proc in stack.procs:
+            stop(proc)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -53,6 +54,7 @@ class WebSocketApplication:
         self._config = config
         self._hub: Hub | None = None
         self._store: Store | None = None
+        self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
 
     @property
     def config(self) -> Config:
@@ -80,6 +82,28 @@ class WebSocketApplication:
             self._hub = Hub(connection_factory(config.redis_url, ping_interval=10.0), subscribe_command=sub)
             self._hub.start()
         return self._hub, self._store
+
+    def going_away(self, *args: Any) -> None:
+        """Close every connection of this worker with 1012 (service restart).
+
+        Called when uWSGI reloads the worker gracefully: clients reconnect (to the
+        new worker) and recover, instead of holding the old one for its whole
+        reload mercy.
+        """
+        sessions = list(self._sessions)
+        if sessions:
+            logger.info("worker %d going away: closing %d connection(s)", os.getpid(), len(sessions))
+        for session in sessions:
+            session.going_away()
+
+    def _watch_reloads(self) -> None:
+        import signal
+
+        import gevent
+
+        # uWSGI's gevent loop has its own SIGHUP watcher (the graceful reload); libev
+        # calls every watcher of a signal, so this one runs too.
+        gevent.signal_handler(signal.SIGHUP, self.going_away)
 
     def close(self) -> None:
         """Stop the Hub and close the Redis connections (for servers that stop)."""
@@ -124,6 +148,8 @@ class WebSocketApplication:
         else:
             if not self._gevent_patched():
                 return _answer(start_response, 500, "server misconfigured")
+            if self._hub is None:
+                self._watch_reloads()
             self._runtime()  # before the handshake: a Redis problem is then a clean error
             import uwsgi
 
@@ -138,7 +164,12 @@ class WebSocketApplication:
 
     def _serve(self, session_class: type[Session], ticket: Ticket, transport: Transport) -> None:
         hub, store = self._runtime()
-        session_class(ticket, transport, hub, store, subscribe_timeout=self.config.subscribe_timeout).run()
+        session = session_class(ticket, transport, hub, store, subscribe_timeout=self.config.subscribe_timeout)
+        self._sessions.add(session)
+        try:
+            session.run()
+        finally:
+            self._sessions.discard(session)
 
     def _stream(self, ticket: Ticket, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         """Serve a Server-Sent Events stream."""
@@ -148,6 +179,8 @@ class WebSocketApplication:
             return []
         if not self._gevent_patched():
             return _answer(start_response, 500, "server misconfigured")
+        if self._hub is None:
+            self._watch_reloads()
         start_response("200 OK", list(SSE_HEADERS))
 
         def body() -> Iterator[bytes]:

@@ -10,6 +10,7 @@ Close codes used (besides the standard ones wsproto picks for protocol errors):
     1000  normal closure
     1009  message too big: larger than MAX_MESSAGE_SIZE
     1011  internal error
+    1012  service restart: the worker is reloading; reconnect and recover
     1013  try again later: Redis did not confirm the subscriptions in time
     4008  slow consumer: the send queue exceeded its bounds; reconnect and recover
     4009  heartbeat timeout: the client answered nothing for three intervals
@@ -49,6 +50,7 @@ from .transport import Transport
 
 logger = logging.getLogger(__name__)
 
+CLOSE_SERVICE_RESTART = 1012
 CLOSE_SLOW_CONSUMER = 4008
 CLOSE_HEARTBEAT_TIMEOUT = 4009
 HEARTBEAT_FRAME = text_frame({"type": "heartbeat"})
@@ -290,6 +292,15 @@ class Session:
         self.transport.discard_queued()
         self._closing = True
         self._send_close(CLOSE_SLOW_CONSUMER, "slow consumer")
+        self.transport.interrupt()  # the session's loop then drains briefly and ends
+
+    def going_away(self) -> None:
+        """Close with 1012 (service restart) from another greenlet or thread."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            self._send_close(CLOSE_SERVICE_RESTART, "service restart")
         self.transport.interrupt()  # the session's loop then drains briefly and ends
 
     def resync(self, channel: str) -> None:
