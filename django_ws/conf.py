@@ -20,7 +20,9 @@ from django.dispatch import receiver
 from django.utils.module_loading import import_string
 
 from uwsgi_ws.config import DEFAULT_REDIS_URL
+from uwsgi_ws.exceptions import ConfigurationError
 from uwsgi_ws.protocol import Limits, validate_prefix
+from uwsgi_ws.redis_url import check_url
 
 DEFAULTS: dict[str, Any] = {
     # Where Redis is. Default: $DJANGO_WS_REDIS_URL, else the local server.
@@ -146,10 +148,10 @@ def _read() -> WsSettings:
         raise ImproperlyConfigured(f"WEBSOCKET_URL must start and end with '/', not {url!r}")
 
     redis_url = s["REDIS_URL"] or os.environ.get("DJANGO_WS_REDIS_URL") or DEFAULT_REDIS_URL
-    if not isinstance(redis_url, str) or not redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ImproperlyConfigured(
-            f"DJANGO_WS['REDIS_URL'] must be a redis://, rediss:// or unix:// URL, not {redis_url!r}"
-        )
+    try:
+        check_url(redis_url if isinstance(redis_url, str) else "")
+    except ConfigurationError as exc:
+        raise ImproperlyConfigured(f"DJANGO_WS['REDIS_URL']: {exc}") from None
     try:
         prefix = validate_prefix(s["PREFIX"])
     except ValueError as exc:

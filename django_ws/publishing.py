@@ -14,6 +14,7 @@ import redis
 
 from uwsgi_ws.exceptions import BadRequest, PublishError
 from uwsgi_ws.protocol import Audience, Kind, channel_name, encode_payload, validate_facility
+from uwsgi_ws.redis_url import make_client
 from uwsgi_ws.store import Published, Store
 
 from .conf import get_settings
@@ -60,7 +61,7 @@ def get_redis() -> redis.Redis:
         with _lock:
             client = _clients.get(url)
             if client is None:
-                client = _clients[url] = redis.Redis.from_url(
+                client = _clients[url] = make_client(
                     url,
                     socket_timeout=5.0,
                     socket_connect_timeout=5.0,

@@ -19,12 +19,11 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import redis
-
 from .config import Config
 from .exceptions import BadRequest, TicketError
 from .hub import Hub, connection_factory
 from .protocol import SSE_HEADERS, Ticket, check_handshake, verify_ticket
+from .redis_url import make_client
 from .session import EventStreamSession, Session
 from .store import Store
 from .transport import GeventSocketTransport, Transport
@@ -66,16 +65,14 @@ class WebSocketApplication:
         # Built on first use, so inside the worker process after uWSGI forked it.
         if self._hub is None or self._store is None:
             config = self.config
-            client = redis.Redis(
-                connection_pool=redis.BlockingConnectionPool.from_url(
-                    config.redis_url,
-                    max_connections=config.pool_size,
-                    timeout=config.subscribe_timeout,
-                    socket_timeout=10.0,
-                    socket_connect_timeout=5.0,
-                    health_check_interval=30,
-                    client_name=f"django_ws:pool:{os.getpid()}",
-                )
+            client = make_client(
+                config.redis_url,
+                max_connections=config.pool_size,
+                wait=config.subscribe_timeout,
+                socket_timeout=10.0,
+                socket_connect_timeout=5.0,
+                health_check_interval=30,
+                client_name=f"django_ws:pool:{os.getpid()}",
             )
             sub = "SSUBSCRIBE" if config.publish_command == "SPUBLISH" else "SUBSCRIBE"
             self._store = Store(client, publish_command=config.publish_command)

@@ -23,7 +23,8 @@ class Config:
     Attributes:
         secret: shared secret used to verify tickets; the same value as Django's
             ``DJANGO_WS["TICKET_SECRET"]``.
-        redis_url: Redis server URL (``redis://``, ``rediss://`` or ``unix://``).
+        redis_url: Redis URL (``redis://``, ``rediss://``, ``unix://``, or
+            ``redis+sentinel://host:port,host:port/service/db``).
         clock_skew: seconds of clock difference tolerated when checking expiry.
         pool_size: connections a worker may use for publishing and history reads,
             besides its single subscriber connection.
@@ -39,6 +40,9 @@ class Config:
     publish_command: str = "PUBLISH"
 
     def __post_init__(self) -> None:
+        from .redis_url import check_url
+
+        check_url(self.redis_url)
         if not self.secret:
             raise ConfigurationError("the ticket secret is empty")
         if self.pool_size < 1:

@@ -292,9 +292,9 @@ class Hub:
 
 def connection_factory(url: str, *, ping_interval: float) -> Callable[[], Connection]:
     """Return a function making subscriber connections to the Redis at ``url``."""
-    import redis
+    from .redis_url import subscriber_factory
 
-    pool = redis.ConnectionPool.from_url(
+    return subscriber_factory(
         url,
         socket_timeout=ping_interval * 3,
         socket_connect_timeout=5.0,
@@ -302,8 +302,3 @@ def connection_factory(url: str, *, ping_interval: float) -> Callable[[], Connec
         health_check_interval=0,
         client_name=f"django_ws:hub:{os.getpid()}",
     )
-
-    def connect() -> Connection:
-        return pool.connection_class(**pool.connection_kwargs)
-
-    return connect

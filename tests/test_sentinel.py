@@ -1,0 +1,73 @@
+"""Redis Sentinel: the same URL for Django and the websocket instance, and a failover."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import pytest
+
+from tests.conftest import REDIS_SERVER, WS, free_port, port_open, start_stack, stop, wait_for
+
+
+def _redis(tmp, port: int, *extra: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp), *extra],
+        stdout=subprocess.DEVNULL,
+    )
+    wait_for(lambda: port_open(port), what=f"redis on {port}")
+    return proc
+
+
+@pytest.mark.timeout(120)
+def test_websockets_survive_a_sentinel_failover(project, tmp_path, ws_settings, facility):
+    import redis
+
+    import django_ws
+
+    primary, replica, sentinel = free_port(), free_port(), free_port()
+    procs = [_redis(tmp_path, primary)]
+    replica_dir = tmp_path / "replica"
+    replica_dir.mkdir()
+    procs.append(_redis(replica_dir, replica, "--replicaof", "127.0.0.1", str(primary)))
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {sentinel}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor mymaster 127.0.0.1 {primary} 1\n"
+        "sentinel down-after-milliseconds mymaster 500\n"
+        "sentinel failover-timeout mymaster 5000\n"
+    )
+    procs.append(subprocess.Popen([REDIS_SERVER, str(conf), "--sentinel"], stdout=subprocess.DEVNULL))
+    wait_for(lambda: port_open(sentinel), what="sentinel")
+    sentinel_client = redis.Redis(port=sentinel)
+    wait_for(
+        lambda: sentinel_client.execute_command("SENTINEL", "REPLICAS", "mymaster"),
+        what="sentinel to see the replica",
+        timeout=30,
+    )
+    url = f"redis+sentinel://127.0.0.1:{sentinel}/mymaster/0"
+    ws_settings(REDIS_URL=url, PUBLISH_RETRIES=10, PUBLISH_RETRY_DELAY=0.2)
+    stack = start_stack("offload", project, tmp_path, DJANGO_WS_REDIS_URL=url)
+    try:
+        ws = WS(stack.url(f"/ws/{facility}?subscribe-broadcast"))
+        ws.ready()
+        django_ws.publish(facility, "via sentinel", broadcast=True)
+        assert ws.next()["data"] == "via sentinel"
+        wait_for(lambda: redis.Redis(port=replica).exists(f"{{ws:{facility}:broadcast}}:meta"), what="replication")
+
+        stop(procs[0], signal.SIGKILL)  # the primary dies; the sentinel promotes the replica
+
+        def promoted() -> bool:
+            host, port = sentinel_client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster")
+            return int(port) == replica
+
+        wait_for(promoted, what="failover", timeout=60)
+        django_ws.publish(facility, "after failover", broadcast=True)
+        # The same websocket, still open: its Hub reconnected to the new primary.
+        assert ws.until("after failover") == []
+    finally:
+        for proc in stack.procs:
+            stop(proc)
+        for proc in procs:
+            stop(proc, signal.SIGTERM)
