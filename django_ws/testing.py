@@ -30,7 +30,6 @@ import contextlib
 import itertools
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from django.core.servers.basehttp import ThreadedWSGIServer
@@ -57,18 +56,9 @@ __all__ = [
 # --------------------------------------------------------------------------- publish()
 
 
-@dataclass
-class CapturedPublish:
-    """One ``publish()`` call seen by :func:`capture_publishes`."""
-
-    facility: str
-    message: Any
-    broadcast: bool
-    users: list[str]
-    groups: list[str]
-    sessions: list[str]
-    history: bool
-    channels: list[str] = field(default_factory=list)
+#: One ``publish()`` call seen by :func:`capture_publishes`: facility, message,
+#: broadcast, users, groups, sessions (names and keys), history, channels.
+CapturedPublish = publishing.PublishCall
 
 
 @contextlib.contextmanager
@@ -82,18 +72,7 @@ def capture_publishes() -> Iterator[list[CapturedPublish]]:
     offsets = itertools.count(1)
 
     def record(call: publishing.PublishCall) -> list[Published]:
-        captured.append(
-            CapturedPublish(
-                facility=call.facility,
-                message=call.message,
-                broadcast=call.broadcast,
-                users=call.users,
-                groups=call.groups,
-                sessions=call.sessions,
-                history=call.history,
-                channels=call.channels,
-            )
-        )
+        captured.append(call)
         return [Published(c, next(offsets), "captured", 0) for c in call.channels]
 
     with publishing.intercept(record):

@@ -132,29 +132,14 @@ class RedisServer:
         return counts
 
 
-def start_redis(tmp: Path) -> RedisServer:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            REDIS_SERVER,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp),
-            "--maxclients",
-            "20000",
-        ],
-        stdout=subprocess.DEVNULL,
-        preexec_fn=_raise_fd_limit,
-    )
+def start_redis(tmp: Path, port: int | None = None, *extra: str) -> RedisServer:
+    """Start a private redis-server (on a free port unless given) that keeps nothing on disk."""
+    port = port or free_port()
+    command = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    command += ["--dir", str(tmp), "--maxclients", "20000", *extra]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, preexec_fn=_raise_fd_limit)
     server = RedisServer(port, proc, f"redis://127.0.0.1:{port}/0")
-    wait_for(lambda: port_open(port) and server.client().ping(), what="redis-server")
+    wait_for(lambda: port_open(port), what="redis-server")
     return server
 
 

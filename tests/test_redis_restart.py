@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 
 import pytest
 
-from tests.conftest import REDIS_SERVER, WS, free_port, port_open, start_stack, stop, wait_for
+from tests.conftest import WS, free_port, start_redis, start_stack, stop, wait_for
 
 
 @pytest.mark.timeout(120)
@@ -20,28 +19,8 @@ def test_hub_resubscribes_after_redis_restart_and_clients_are_told_what_was_lost
 
     port = free_port()
 
-    def start_redis() -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(tmp_path),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        wait_for(lambda: port_open(port), what="redis-server")
-        return proc
-
     url = f"redis://127.0.0.1:{port}/0"
-    redis_proc = start_redis()
+    redis_proc = start_redis(tmp_path, port).proc
     stack = start_stack("offload", project, tmp_path, DJANGO_WS_REDIS_URL=url)
     store = Store(redis.Redis.from_url(url))
     channel = channel_name("ws", "restart", Audience(Kind.BROADCAST))
@@ -57,7 +36,7 @@ def test_hub_resubscribes_after_redis_restart_and_clients_are_told_what_was_lost
         assert before["data"] == "before"
 
         stop(redis_proc, signal.SIGTERM)
-        redis_proc = start_redis()  # same port, empty: the epoch changes
+        redis_proc = start_redis(tmp_path, port).proc  # same port, empty: the epoch changes
         client = redis.Redis.from_url(url)
         # The Hub is back when Redis counts its subscription again.
         wait_for(lambda: client.pubsub_numsub(channel)[0][1] == 1, timeout=30, what="Hub re-subscription")
@@ -111,11 +90,7 @@ def test_publish_retries_until_redis_is_back(project, tmp_path, ws_settings, cap
     caplog.set_level("WARNING", logger="django_ws.publishing")
     thread.start()  # Redis is not there yet: the first attempt fails, and is retried
     wait_for(lambda: any("retrying" in r.getMessage() for r in caplog.records), what="a retry")
-    proc = subprocess.Popen(
-        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-    )
+    proc = start_redis(tmp_path, port).proc
     try:
         thread.join(30)
         assert "error" not in outcome, outcome

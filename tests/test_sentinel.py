@@ -7,17 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REDIS_SERVER, WS, free_port, port_open, start_stack, stop, wait_for
-
-
-def _redis(tmp, port: int, *extra: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp), *extra],
-        stdout=subprocess.DEVNULL,
-    )
-    wait_for(lambda: port_open(port), what=f"redis on {port}")
-    return proc
+from tests.conftest import REDIS_SERVER, WS, free_port, port_open, start_redis, start_stack, stop, wait_for
 
 
 @pytest.mark.timeout(120)
@@ -27,10 +17,10 @@ def test_websockets_survive_a_sentinel_failover(project, tmp_path, ws_settings, 
     import django_ws
 
     primary, replica, sentinel = free_port(), free_port(), free_port()
-    procs = [_redis(tmp_path, primary)]
+    procs = [start_redis(tmp_path, primary).proc]
     replica_dir = tmp_path / "replica"
     replica_dir.mkdir()
-    procs.append(_redis(replica_dir, replica, "--replicaof", "127.0.0.1", str(primary)))
+    procs.append(start_redis(replica_dir, replica, "--replicaof", "127.0.0.1", str(primary)).proc)
     conf = tmp_path / "sentinel.conf"
     conf.write_text(
         f"port {sentinel}\nbind 127.0.0.1\ndir {tmp_path}\n"

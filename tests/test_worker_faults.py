@@ -15,16 +15,30 @@ import django_ws
 from tests.conftest import WS, ancestors, cmdline, descendants, start_stack, stop, wait_for
 
 
+def _connected(url: str, count: int, facility: str) -> tuple[list[WS], list[dict]]:
+    """Open ``count`` websockets and return them with the position of a first message."""
+    clients = [WS(url) for _ in range(count)]
+    for ws in clients:
+        ws.ready()
+    django_ws.publish(facility, "before", broadcast=True)
+    return clients, [ws.next() for ws in clients]
+
+
+def _reconnect(url: str, position: dict) -> WS | None:
+    """Reconnect from ``position``, or None while no worker listens yet."""
+    query = urllib.parse.quote(json.dumps({"broadcast": [position["offset"], position["epoch"]]}))
+    try:
+        return WS(url + "&recover=" + query)
+    except (OSError, websocket.WebSocketException):
+        return None
+
+
 @pytest.mark.timeout(120)
 def test_killed_worker_clients_recover_and_nothing_leaks(project, redis_server, tmp_path, facility):
     stack = start_stack("offload", project, tmp_path)
     try:
         url = stack.url(f"/ws/{facility}?subscribe-broadcast")
-        clients = [WS(url) for _ in range(20)]
-        for ws in clients:
-            ws.ready()
-        django_ws.publish(facility, "before", broadcast=True)
-        positions = [ws.next() for ws in clients]
+        clients, positions = _connected(url, 20, facility)
         assert {p["data"] for p in positions} == {"before"}
 
         # The websocket worker names its Redis connections with its pid.
@@ -41,14 +55,7 @@ def test_killed_worker_clients_recover_and_nothing_leaks(project, redis_server, 
         for i in range(5):
             django_ws.publish(facility, f"missed {i}", broadcast=True)
 
-        def reconnect(position):
-            query = urllib.parse.quote(json.dumps({"broadcast": [position["offset"], position["epoch"]]}))
-            try:
-                return WS(url + "&recover=" + query)
-            except (OSError, websocket.WebSocketException):
-                return None  # the respawned worker is not listening yet
-
-        again = [wait_for(lambda p=p: reconnect(p), what="respawned worker") for p in positions]
+        again = [wait_for(lambda p=p: _reconnect(url, p), what="respawned worker") for p in positions]
         for ws in again:
             frames = ws.ready()
             assert [f["data"] for f in frames if f["type"] == "message"] == [f"missed {i}" for i in range(5)]
@@ -72,11 +79,7 @@ def test_graceful_reload_closes_with_1012_and_clients_recover(project, redis_ser
     stack = start_stack("offload", project, tmp_path)
     try:
         url = stack.url(f"/ws/{facility}?subscribe-broadcast")
-        clients = [WS(url) for _ in range(10)]
-        for ws in clients:
-            ws.ready()
-        django_ws.publish(facility, "before", broadcast=True)
-        positions = [ws.next() for ws in clients]
+        clients, positions = _connected(url, 10, facility)
         ws_master = next(
             pid
             for pid in descendants(stack.procs[0].pid)
@@ -93,15 +96,8 @@ def test_graceful_reload_closes_with_1012_and_clients_recover(project, redis_ser
         closed_after = time.monotonic() - started
         django_ws.publish(facility, "during reload", broadcast=True)
 
-        def reconnect(position):
-            query = urllib.parse.quote(json.dumps({"broadcast": [position["offset"], position["epoch"]]}))
-            try:
-                return WS(url + "&recover=" + query)
-            except (OSError, websocket.WebSocketException):
-                return None
-
         for p in positions:
-            again = wait_for(lambda p=p: reconnect(p), what="reloaded worker")
+            again = wait_for(lambda p=p: _reconnect(url, p), what="reloaded worker")
             frames = again.ready()
             assert [f["data"] for f in frames if f["type"] == "message"] == ["during reload"]
             again.close()

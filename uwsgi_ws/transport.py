@@ -50,7 +50,48 @@ class Transport(Protocol):
         """Stop using the connection."""
 
 
-class GeventSocketTransport:
+class _SendQueue:
+    """Bookkeeping of the bytes a transport accepted and has not written yet."""
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[memoryview] = collections.deque()
+        self._queued = 0
+        self._head_started = False  # the first chunk is partly written: it must be finished
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued
+
+    @property
+    def queued_messages(self) -> int:
+        return len(self._queue)
+
+    def _enqueue(self, data: bytes | memoryview) -> None:
+        self._queue.append(memoryview(data))
+        self._queued += len(data)
+
+    def _wrote(self, sent: int) -> None:
+        """Account for ``sent`` bytes of the first chunk written."""
+        self._queued -= sent
+        chunk = self._queue[0]
+        if sent < len(chunk):
+            self._queue[0] = chunk[sent:]
+            self._head_started = True
+        else:
+            self._queue.popleft()
+            self._head_started = False
+
+    def _drop_queue(self) -> None:
+        self._queue.clear()
+        self._queued = 0
+
+    def _discard_unstarted(self) -> None:
+        keep = 1 if self._head_started and self._queue else 0
+        while len(self._queue) > keep:
+            self._queued -= len(self._queue.pop())
+
+
+class GeventSocketTransport(_SendQueue):
     """A non-blocking transport over a socket file descriptor, for gevent.
 
     Args:
@@ -66,23 +107,13 @@ class GeventSocketTransport:
         loop = gevent.get_hub().loop
         self._read_watcher = loop.io(fd, 1)
         self._write_watcher = loop.io(fd, 2)
-        self._queue: collections.deque[memoryview] = collections.deque()
-        self._queued = 0
-        self._head_started = False
+        super().__init__()
         self._drained: Event | None = None
         self.closed = False
         self._released = False
         # Set by the read watcher or by interrupt(); recv() waits on it.
         self._wakeup = Event()
         self._interrupted = False
-
-    @property
-    def queued_bytes(self) -> int:
-        return self._queued
-
-    @property
-    def queued_messages(self) -> int:
-        return len(self._queue)
 
     def recv(self, timeout: float) -> bytes | None:
         while not self.closed:
@@ -115,8 +146,7 @@ class GeventSocketTransport:
         if self.closed:
             return
         if self._queue:
-            self._queue.append(memoryview(data))
-            self._queued += len(data)
+            self._enqueue(data)
             return
         try:
             sent = self._sock.send(data)
@@ -126,39 +156,29 @@ class GeventSocketTransport:
             self._fail()
             return
         if sent < len(data):
-            rest = memoryview(data)[sent:]
-            self._queue.append(rest)
-            self._queued += len(rest)
+            self._enqueue(memoryview(data)[sent:])
             self._head_started = sent > 0
             self._write_watcher.start(self._on_writable)
 
     def _on_writable(self) -> None:
         # Runs as a loop callback in the gevent hub: only non-blocking calls here.
-        queue = self._queue
-        while queue:
-            chunk = queue[0]
+        while self._queue:
             try:
-                sent = self._sock.send(chunk)
+                sent = self._sock.send(self._queue[0])
             except BlockingIOError:
                 return
             except OSError:
                 self._fail()
                 return
-            self._queued -= sent
-            if sent < len(chunk):
-                queue[0] = chunk[sent:]
-                self._head_started = True
-                return
-            queue.popleft()
-            self._head_started = False
+            self._wrote(sent)
+            if self._head_started:
+                return  # the kernel took part of it: wait until writable again
         self._write_watcher.stop()
         if self._drained is not None:
             self._drained.set()
 
     def discard_queued(self) -> None:
-        keep = 1 if self._head_started and self._queue else 0
-        while len(self._queue) > keep:
-            self._queued -= len(self._queue.pop())
+        self._discard_unstarted()
 
     def drain(self, timeout: float) -> bool:
         if not self._queue:
@@ -169,8 +189,7 @@ class GeventSocketTransport:
 
     def _fail(self) -> None:
         self.closed = True
-        self._queue.clear()
-        self._queued = 0
+        self._drop_queue()
         self._write_watcher.stop()
         # A broken socket also reads as ready, so the session's recv() notices.
         if self._drained is not None:
@@ -190,7 +209,7 @@ class GeventSocketTransport:
             self._sock.detach()
 
 
-class ThreadedSocketTransport:
+class ThreadedSocketTransport(_SendQueue):
     """A transport for servers with one thread per connection (the development server).
 
     Reads happen in the session's thread, waiting with a selector on the socket and
@@ -207,10 +226,8 @@ class ThreadedSocketTransport:
 
         self._sock = sock
         sock.setblocking(True)
+        super().__init__()
         self._cond = threading.Condition()
-        self._queue: collections.deque[memoryview] = collections.deque()
-        self._queued = 0
-        self._head_started = False
         self._interrupted = False
         self.closed = False
         self._wake_r, self._wake_w = os.pipe()
@@ -220,14 +237,6 @@ class ThreadedSocketTransport:
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._writer = threading.Thread(target=self._write_forever, name="django_ws-writer", daemon=True)
         self._writer.start()
-
-    @property
-    def queued_bytes(self) -> int:
-        return self._queued
-
-    @property
-    def queued_messages(self) -> int:
-        return len(self._queue)
 
     def recv(self, timeout: float) -> bytes | None:
         if self.closed:
@@ -259,8 +268,7 @@ class ThreadedSocketTransport:
         with self._cond:
             if self.closed:
                 return
-            self._queue.append(memoryview(data))
-            self._queued += len(data)
+            self._enqueue(data)
             self._cond.notify()
 
     def _write_forever(self) -> None:
@@ -276,27 +284,18 @@ class ThreadedSocketTransport:
             except OSError:
                 with self._cond:
                     self.closed = True
-                    self._queue.clear()
-                    self._queued = 0
+                    self._drop_queue()
                     self._cond.notify_all()
                 self.interrupt()
                 return
             with self._cond:
-                self._queued -= sent
-                if sent < len(chunk):
-                    self._queue[0] = chunk[sent:]
-                    self._head_started = True
-                else:
-                    self._queue.popleft()
-                    self._head_started = False
+                self._wrote(sent)
                 if not self._queue:
                     self._cond.notify_all()
 
     def discard_queued(self) -> None:
         with self._cond:
-            keep = 1 if self._head_started and self._queue else 0
-            while len(self._queue) > keep:
-                self._queued -= len(self._queue.pop())
+            self._discard_unstarted()
 
     def drain(self, timeout: float) -> bool:
         with self._cond:
