@@ -21,10 +21,12 @@ for pkg in libssl-dev libpcre2-dev python3-dev python3-venv pkg-config; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 # The browser tests drive Debian's Chromium (never a downloaded browser); node runs
-# the browser client's unit tests. SKIP_BROWSER=1 leaves both out (demo only).
+# the browser client's unit tests; nginx checks the README's proxy configuration.
+# SKIP_BROWSER=1 leaves them out (the demo needs none of them).
 if [ "${SKIP_BROWSER:-0}" != 1 ]; then
   [ -x /usr/bin/chromium ] || missing+=(chromium)
   command -v node >/dev/null || missing+=(nodejs)
+  [ -x /usr/sbin/nginx ] || missing+=(nginx-light)  # the README's nginx configuration is tested
 fi
 if ((${#missing[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

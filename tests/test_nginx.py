@@ -1,0 +1,74 @@
+"""The README's nginx configuration, for real: websockets and event streams through nginx."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+
+import pytest
+
+import django_ws
+from tests.conftest import ROOT, WS, free_port, port_open, stop, wait_for
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def readme_snippet() -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- nginx-snippet -->\s*```nginx\n(.*?)```", text, re.S)
+    assert match, "the nginx snippet is missing from README.md"
+    return match.group(1)
+
+
+@pytest.fixture
+def nginx(offload_stack, tmp_path):
+    """nginx with the README's server block, in plain HTTP on a free port, in front of the stack."""
+    if not shutil.os.path.exists(NGINX):
+        pytest.skip("nginx is not installed (apt-get install nginx-light)")
+    port = free_port()
+    server = readme_snippet()
+    server = server.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{offload_stack.port};")
+    server = server.replace("listen 443 ssl;", f"listen 127.0.0.1:{port};")
+    server = server.replace("server_name example.com;", "server_name 127.0.0.1;")
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        f"daemon off;\nworker_processes 1;\npid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
+        "events { worker_connections 1024; }\n"
+        "http {\n"
+        f"  access_log {tmp_path}/access.log;\n"
+        f"  client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy;\n"
+        f"  fastcgi_temp_path {tmp_path}/fcgi; uwsgi_temp_path {tmp_path}/uwsgi; scgi_temp_path {tmp_path}/scgi;\n"
+        f"{server}\n}}\n"
+    )
+    proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp_path)], stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: proc.poll() is None and port_open(port), what="nginx", timeout=15)
+    except TimeoutError:
+        proc.kill()
+        raise RuntimeError(proc.stderr.read().decode()) from None
+    yield port
+    stop(proc, signal.SIGQUIT)
+
+
+def test_websocket_through_nginx(nginx, facility):
+    ws = WS(f"ws://127.0.0.1:{nginx}/ws/{facility}?subscribe-broadcast", origin=f"http://127.0.0.1:{nginx}")
+    ws.ready()
+    django_ws.publish(facility, "hello via nginx", broadcast=True)
+    assert ws.next()["data"] == "hello via nginx"
+    ws.close()
+
+
+def test_event_stream_through_nginx_is_not_buffered(nginx, facility):
+    from tests.test_sse import EventStream
+
+    class Through:  # EventStream only needs the port
+        port = nginx
+
+    es = EventStream(Through, f"/ws/{facility}?subscribe-broadcast")
+    assert es.response.status == 200
+    es.until("ready")
+    django_ws.publish(facility, "streamed via nginx", broadcast=True)
+    assert es.next()[1]["data"] == "streamed via nginx"
+    es.close()
