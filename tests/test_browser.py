@@ -1,0 +1,179 @@
+"""The demo in a real browser: Debian's Chromium driven by Playwright (never a downloaded one)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+import django_ws
+from tests.conftest import ROOT, cmdline, descendants, start_stack, stop, wait_for
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+pytestmark = [
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed"),
+    pytest.mark.timeout(120),
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        yield browser
+        browser.close()
+
+
+def logged_in(browser, base: str, username: str):
+    """A page of the demo in its own browser context (its own cookies), logged in."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.goto(base + "/login/")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", "pw")
+    page.click("button[type=submit]")
+    page.wait_for_url(base + "/")
+    connected(page)
+    return page
+
+
+def connected(page, timeout: float = 15000) -> None:
+    page.wait_for_function(
+        "['connected', 'recovered'].includes(document.getElementById('status').textContent)", timeout=timeout
+    )
+
+
+def lines(page, pane: str) -> list[str]:
+    return page.locator(f"#{pane} div").all_inner_texts()
+
+
+def say(page, form: str, text: str, to: str | None = None) -> None:
+    if to:
+        page.select_option(f"form[data-post='/{form}/'] select", to)
+    page.fill(f"form[data-post='/{form}/'] input[name=text]", text)
+    page.click(f"form[data-post='/{form}/'] button")
+
+
+def shows(page, pane: str, text: str, timeout: float = 10000) -> None:
+    page.locator(f"#{pane} div", has_text=text).first.wait_for(timeout=timeout)
+
+
+def test_two_users_chat_and_private_messages_stay_private(browser, offload_stack):
+    base = offload_stack.http("")
+    alice, bob, carol = (logged_in(browser, base, name) for name in ("alice", "bob", "carol"))
+    say(alice, "say", "hello from alice")
+    for page in (alice, bob, carol):
+        shows(page, "public", "alice: hello from alice")
+    say(bob, "say", "hi alice, bob here")
+    shows(alice, "public", "bob: hi alice, bob here")
+
+    say(alice, "private", "a secret for bob", to="bob")
+    shows(bob, "private", "a secret for bob")
+    shows(alice, "private", "a secret for bob")  # the sender's own copy
+    say(bob, "team", "blue team only")
+    shows(carol, "group", "blue team only")
+    # Carol has seen everything published before this marker: the secret is not there.
+    say(alice, "say", "marker after the secret")
+    shows(carol, "public", "marker after the secret")
+    assert not [t for t in lines(carol, "private") if "secret" in t]
+    assert not [t for t in lines(alice, "group") if "blue team only" in t]
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    alice.screenshot(path=str(ARTIFACTS / "demo-alice.png"))
+    for page in (alice, bob, carol):
+        page.context.close()
+
+
+def _websocket_instance(stack) -> list[int]:
+    """The websocket instance's master and worker, below the front of this test's stack."""
+    return [pid for pid in descendants(stack.procs[0].pid) if "ini.example:websocket" in cmdline(pid)]
+
+
+def test_restarting_the_websocket_instance_loses_nothing(browser, project, tmp_path):
+    stack = start_stack("offload", project, tmp_path)
+    try:
+        base = stack.http("")
+        page = logged_in(browser, base, "alice")
+        page.evaluate("""() => {
+            window.statusSeen = [];
+            window.chatConnection.on('status', (s) => window.statusSeen.push(s));
+        }""")
+        django_ws.publish("chat", {"from": "server", "text": "before the restart"}, broadcast=True)
+        shows(page, "public", "before the restart")
+
+        instance = _websocket_instance(stack)
+        for pid in instance:
+            os.kill(pid, signal.SIGKILL)  # processes of the stack this test started
+        page.wait_for_function("window.statusSeen.includes('reconnecting')", timeout=15000)
+        for i in range(3):
+            django_ws.publish("chat", {"from": "server", "text": f"gap {i}"}, broadcast=True)
+        # The front respawns the instance; the page reconnects and recovers the gap.
+        wait_for(lambda: set(_websocket_instance(stack)) - set(instance), what="respawned instance", timeout=30)
+        shows(page, "public", "gap 2", timeout=30000)
+        connected(page)
+        texts = lines(page, "public")
+        gap = [t for t in texts if "gap" in t]
+        assert gap == ["server: gap 0", "server: gap 1", "server: gap 2"], texts
+        assert texts.count("server: before the restart") == 1
+    finally:
+        for proc in stack.procs:
+            stop(proc)
+
+
+def test_close_stops_reconnection(browser, offload_stack):
+    base = offload_stack.http("")
+    closing, watching = logged_in(browser, base, "bob"), logged_in(browser, base, "carol")
+    closing.evaluate("""() => {
+        window.opened = 0;
+        window.chatConnection.on('open', () => window.opened++);
+        window.chatConnection.close();
+    }""")
+    closing.wait_for_function("document.getElementById('status').textContent === 'closed'")
+    django_ws.publish("chat", {"from": "server", "text": "after close"}, broadcast=True)
+    shows(watching, "public", "after close")  # delivered to a connected page
+    django_ws.publish("chat", {"from": "server", "text": "second after close"}, broadcast=True)
+    shows(watching, "public", "second after close")
+    assert not [t for t in lines(closing, "public") if "after close" in t]
+    assert closing.evaluate("window.opened") == 0
+    assert closing.locator("#status").inner_text() == "closed"
+    for page in (closing, watching):
+        page.context.close()
+
+
+def test_screenshot_of_the_demo(browser, offload_stack):
+    base = offload_stack.http("")
+    alice, bob = logged_in(browser, base, "alice"), logged_in(browser, base, "bob")
+    say(alice, "say", "Hi everyone! Messages are pushed by Django through uWSGI and Redis.")
+    shows(bob, "public", "Hi everyone!")
+    say(bob, "say", "Hello alice, it works in real time.")
+    say(bob, "private", "This one is just for you.", to="alice")
+    shows(alice, "private", "just for you")
+    say(alice, "team", "Red team, meet at noon.")
+    shows(alice, "group", "meet at noon")
+    django_ws.publish("chat", {"kind": "notification", "text": "Deploy finished (manage.py notify)"}, broadcast=True)
+    alice.locator("#notifications div", has_text="Deploy finished").wait_for()
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / "demo.png"
+    alice.screenshot(path=str(path))
+    assert path.stat().st_size > 10000
+    docs = ROOT / "docs" / "screenshot.png"
+    if os.environ.get("UPDATE_SCREENSHOT") == "1":
+        docs.parent.mkdir(exist_ok=True)
+        docs.write_bytes(Path(path).read_bytes())
+    for page in (alice, bob):
+        page.context.close()
