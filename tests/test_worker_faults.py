@@ -106,3 +106,79 @@ def test_graceful_reload_closes_with_1012_and_clients_recover(project, redis_ser
     finally:
         for proc in stack.procs:
             stop(proc)
+
+
+@pytest.mark.timeout(240)
+def test_one_stalled_client_among_200_readers_of_2000_messages(project, tmp_path, facility):
+    """The readers lose nothing, the stalled one is cut off, the server's memory stays bounded.
+
+    In single-instance mode the stalled client's socket is the server's own (no relay
+    buffering in between), so 2,000 messages of 3 kB (6 MB) overflow the kernel
+    buffers and SEND_QUEUE_BYTES (1 MiB).
+    """
+    import asyncio
+    import socket
+
+    import websockets
+
+    from tests.test_soak import _rss_kb
+
+    stack = start_stack("single", project, tmp_path)
+    url = stack.url(f"/ws/{facility}?subscribe-broadcast")
+    chunk = "z" * 3000
+
+    async def scenario():
+        stalled_sock = socket.create_connection(("127.0.0.1", stack.port))
+        stalled_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled = await websockets.connect(url, sock=stalled_sock, max_size=None, ping_interval=None)
+        readers = [await websockets.connect(url, max_size=None, ping_interval=None) for _ in range(200)]
+        for ws in [stalled, *readers]:
+            while '"ready"' not in await asyncio.wait_for(ws.recv(), 30):
+                pass
+        stalled.transport.pause_reading()  # stop reading, like a frozen tab
+        ws_pids = [stack.procs[0].pid, *descendants(stack.procs[0].pid)]
+        rss_before = _rss_kb(ws_pids)
+        peak = rss_before
+
+        async def read_all(ws):
+            got = 0
+            while got < 2000:
+                frame = await asyncio.wait_for(ws.recv(), 60)
+                if frame.startswith('{"type":"message"'):
+                    # in order and none missing: the data starts with its sequence number
+                    assert f'"data":"{got}:' in frame[:120], frame[:120]
+                    got += 1
+            return got
+
+        reading = [asyncio.create_task(read_all(ws)) for ws in readers]
+        loop = asyncio.get_running_loop()
+        for i in range(2000):
+            await loop.run_in_executor(None, lambda i=i: django_ws.publish(facility, f"{i}:{chunk}", broadcast=True))
+            if i % 100 == 0:
+                peak = max(peak, _rss_kb(ws_pids))
+        counts = await asyncio.gather(*reading)
+        peak = max(peak, _rss_kb(ws_pids))
+        stalled.transport.resume_reading()
+        received, code = 0, None
+        try:
+            while True:
+                await asyncio.wait_for(stalled.recv(), 30)
+                received += 1
+        except websockets.ConnectionClosed as closed:
+            code = closed.rcvd.code if closed.rcvd else None
+        for ws in readers:
+            await ws.close()
+        return counts, received, code, rss_before, peak
+
+    try:
+        counts, received, code, rss_before, peak = asyncio.run(scenario())
+    finally:
+        for proc in stack.procs:
+            stop(proc)
+    print(
+        f"\n200 readers got {sum(counts)} of {200 * 2000} messages; the stalled client got {received} "
+        f"before being closed (code {code}); websocket instance RSS {rss_before} kB, peak {peak} kB"
+    )
+    assert counts == [2000] * 200
+    assert received < 2000 and code in (4008, None)
+    assert peak - rss_before < 32_000  # bounded: the stalled client's 6 MB were not all kept

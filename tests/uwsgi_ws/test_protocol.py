@@ -358,3 +358,12 @@ def test_binary_message_parser_only_raises_value_error(raw):
         parse_binary_message(raw)
     except ValueError:
         pass
+
+
+@given(st.text(max_size=80))
+def test_facility_validation_only_raises_bad_request(name):
+    try:
+        assert validate_facility(name) == name
+    except BadRequest:
+        return
+    assert ".." not in name and "/" not in name and name.isascii() and name.isprintable()
