@@ -270,5 +270,5 @@ def _plain(status: int, text: str) -> HttpResponse:
         # No "Upgrade" header: WSGI forbids hop-by-hop headers in applications.
         response["Sec-WebSocket-Version"] = "13"
     elif status == 405:
-        response["Allow"] = "GET"
+        response["Allow"] = "GET, POST"  # POST publishes
     return response

@@ -14,6 +14,8 @@ from tests.conftest import ROOT, WS, free_port, port_open, stop, wait_for
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
+pytestmark = pytest.mark.timeout(120)
+
 
 def readme_snippet() -> str:
     text = (ROOT / "README.md").read_text()
@@ -44,10 +46,14 @@ def nginx(offload_stack, tmp_path):
     )
     proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp_path)], stderr=subprocess.PIPE)
     try:
-        wait_for(lambda: proc.poll() is None and port_open(port), what="nginx", timeout=15)
+        # An nginx that exits (a bad configuration) ends the wait at once.
+        wait_for(lambda: proc.poll() is not None or port_open(port), what="nginx", timeout=15)
     except TimeoutError:
         proc.kill()
-        raise RuntimeError(proc.stderr.read().decode()) from None
+        proc.wait(5)
+        raise RuntimeError(f"nginx did not listen on {port}: {proc.stderr.read().decode()}") from None
+    if proc.poll() is not None:
+        raise RuntimeError(f"nginx exited with {proc.returncode}: {proc.stderr.read().decode()}")
     yield port
     stop(proc, signal.SIGQUIT)
 

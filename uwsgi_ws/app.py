@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from .config import Config
-from .exceptions import BadRequest, TicketError
+from .exceptions import BadRequest, ConfigurationError, TicketError
 from .hub import Hub, connection_factory
 from .protocol import SSE_HEADERS, Ticket, check_handshake, verify_ticket
 from .redis_url import make_client
@@ -124,7 +124,12 @@ class WebSocketApplication:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         try:
-            ticket = verify_ticket(environ.get(TICKET_VAR), self.config.secret, leeway=self.config.clock_skew)
+            config = self.config
+        except ConfigurationError as exc:
+            logger.error("websocket instance misconfigured: %s", exc)
+            return _answer(start_response, 500, "server misconfigured")
+        try:
+            ticket = verify_ticket(environ.get(TICKET_VAR), config.secret, leeway=config.clock_skew)
             if ticket.stream:
                 if environ.get("REQUEST_METHOD") != "GET":
                     raise BadRequest("event streams use GET", status=405)

@@ -367,3 +367,12 @@ def test_facility_validation_only_raises_bad_request(name):
     except BadRequest:
         return
     assert ".." not in name and "/" not in name and name.isascii() and name.isprintable()
+
+
+def test_websocket_instance_without_a_secret_answers_500_not_a_traceback(monkeypatch):
+    from uwsgi_ws.app import WebSocketApplication
+
+    monkeypatch.delenv("DJANGO_WS_SECRET", raising=False)
+    answered = []
+    body = WebSocketApplication()({"REQUEST_METHOD": "GET"}, lambda status, headers: answered.append(status))
+    assert answered == ["500 Internal Server Error"] and b"Traceback" not in b"".join(body)
