@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
 import pytest
 
 import django_ws
-from tests.conftest import ROOT, cmdline, descendants, start_stack, stop, wait_for
+from tests.conftest import ROOT, cmdline, descendants, free_port, start_stack, stop, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -177,3 +178,88 @@ def test_screenshot_of_the_demo(browser, offload_stack):
         docs.write_bytes(Path(path).read_bytes())
     for page in (alice, bob):
         page.context.close()
+
+
+def _blocking_server(upstream_port: int, port: int) -> str:
+    """The README's nginx block, changed into a proxy that strips websocket upgrades
+    (as some corporate proxies do): event streams and pages pass, websockets cannot."""
+    from tests.test_nginx import readme_server
+
+    server = readme_server(upstream_port, port)
+    blocked = server.replace("proxy_set_header Upgrade $http_upgrade;", 'proxy_set_header Upgrade "";')
+    blocked = blocked.replace('proxy_set_header Connection "upgrade";', 'proxy_set_header Connection "";')
+    assert blocked.count('Upgrade "";') == 1 and blocked != server
+    return blocked
+
+
+def test_falls_back_to_event_streams_where_websockets_are_blocked(browser, project, tmp_path):
+    from tests.test_nginx import running_nginx
+
+    stack = start_stack("offload", project, tmp_path)
+    try:
+        port = free_port()
+        with running_nginx(_blocking_server(stack.port, port), port, tmp_path):
+            base = f"http://127.0.0.1:{port}"
+            alice, bob = logged_in(browser, base, "alice"), logged_in(browser, base, "bob")
+            for page in (alice, bob):
+                assert page.evaluate("window.chatConnection.transport") == "sse"
+                assert page.locator("#transport").inner_text() == "event stream"
+            # The websocket handshakes went through nginx and failed (426: no upgrade);
+            # the event streams are open (nginx logs a request when it ends).
+            log = (tmp_path / "access.log").read_text()
+            assert len(re.findall(r'"GET /ws/chat\?[^"]*" 426 ', log)) == 2, log
+
+            say(alice, "say", "hello over an event stream")
+            shows(bob, "public", "alice: hello over an event stream")
+            say(alice, "private", "a secret over sse", to="bob")
+            shows(bob, "private", "a secret over sse")
+            # send() publishes with a POST (CSRF token from the cookie) to the facility URL.
+            alice.evaluate("""() => {
+                window.sendErrors = [];
+                window.chatConnection.on('error', (e) => window.sendErrors.push(e));
+                window.published = new DjangoWs.Connection(
+                    {url: window.chatConnection.url, subscribe: [], publish: ['broadcast']},
+                    {transport: 'sse'});
+                window.published.on('error', (e) => window.sendErrors.push(e));
+                window.published.send('sent with send()');
+            }""")
+            shows(bob, "public", "sent with send()")
+            assert alice.evaluate("window.sendErrors") == []
+            log = (tmp_path / "access.log").read_text()
+            assert re.search(r'"POST /ws/chat\?[^"]*publish-broadcast[^"]*" 200 ', log), log
+
+            # Recovery works the same: the websocket instance dies, messages published
+            # meanwhile arrive once, in order, when the stream is back.
+            bob.evaluate("""() => {
+                window.statusSeen = [];
+                window.chatConnection.on('status', (s) => window.statusSeen.push(s));
+            }""")
+            instance = _websocket_instance(stack)
+            for pid in instance:
+                os.kill(pid, signal.SIGKILL)  # processes of the stack this test started
+            bob.wait_for_function("window.statusSeen.includes('reconnecting')", timeout=15000)
+            for i in range(3):
+                django_ws.publish("chat", {"from": "server", "text": f"gap {i}"}, broadcast=True)
+            wait_for(lambda: set(_websocket_instance(stack)) - set(instance), what="respawned instance", timeout=30)
+            shows(bob, "public", "gap 2", timeout=30000)
+            connected(bob)
+            texts = lines(bob, "public")
+            assert [t for t in texts if "gap" in t] == ["server: gap 0", "server: gap 1", "server: gap 2"], texts
+            assert bob.evaluate("window.chatConnection.transport") == "sse"
+            for page in (alice, bob):
+                page.context.close()
+    finally:
+        for proc in stack.procs:
+            stop(proc)
+
+
+def test_forced_event_stream_without_a_proxy(browser, offload_stack):
+    base = offload_stack.http("")
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(base + "/?transport=sse")
+    connected(page)
+    assert page.evaluate("window.chatConnection.transport") == "sse"
+    django_ws.publish("chat", {"from": "server", "text": "forced stream"}, broadcast=True)
+    shows(page, "public", "forced stream")
+    context.close()

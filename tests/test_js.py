@@ -15,7 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from uwsgi_ws.protocol import KIND_BINARY, KIND_JSON, KIND_TEXT, Envelope, Position, client_frame, parse_query
+from uwsgi_ws.protocol import (
+    KIND_BINARY,
+    KIND_JSON,
+    KIND_TEXT,
+    Envelope,
+    Position,
+    client_frame,
+    parse_query,
+    sse_message_data,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "django_ws" / "static" / "django_ws" / "django_ws.mjs"
@@ -96,7 +105,10 @@ def _payload(frame: bytes) -> tuple[int, bytes]:
     return opcode, frame[start : start + length]
 
 
-def test_server_frames_decode_in_the_client() -> None:
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+def test_server_frames_decode_in_the_client(transport: str) -> None:
+    """Websocket frames (decodeFrame) and event-stream data (decodeEventData) decode
+    to the same messages."""
     envelopes = [
         ("broadcast", Envelope(b"s", KIND_TEXT, 1, "e1", 'plain "text" ü'.encode())),
         ("user", Envelope(b"s", KIND_JSON, 2, "e2", json.dumps({"a": [1, None, "ü"]}).encode())),
@@ -104,6 +116,9 @@ def test_server_frames_decode_in_the_client() -> None:
     ]
     frames = []
     for label, envelope in envelopes:
+        if transport == "sse":
+            frames.append({"event": sse_message_data(label, envelope)})
+            continue
         opcode, payload = _payload(client_frame(label, envelope))
         frames.append(
             {"text": payload.decode()} if opcode == 1 else {"binary": base64.b64encode(payload).decode("ascii")}
@@ -112,7 +127,8 @@ def test_server_frames_decode_in_the_client() -> None:
         node(
             """
 const out = JSON.parse(process.argv[1]).map((f) => {
-  const frame = C.decodeFrame(f.text !== undefined ? f.text : Buffer.from(f.binary, "base64"));
+  const frame = f.event !== undefined ? C.decodeEventData(f.event)
+    : C.decodeFrame(f.text !== undefined ? f.text : Buffer.from(f.binary, "base64"));
   if (frame.binary) frame.data = Buffer.from(frame.data).toString("base64");
   return frame;
 });

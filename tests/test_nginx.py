@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
 import signal
 import subprocess
+from collections.abc import Iterator
 
 import pytest
 
@@ -24,16 +27,19 @@ def readme_snippet() -> str:
     return match.group(1)
 
 
-@pytest.fixture
-def nginx(offload_stack, tmp_path):
-    """nginx with the README's server block, in plain HTTP on a free port, in front of the stack."""
-    if not shutil.os.path.exists(NGINX):
-        pytest.skip("nginx is not installed (apt-get install nginx-light)")
-    port = free_port()
+def readme_server(upstream_port: int, port: int) -> str:
+    """The README's server block, in plain HTTP on ``port``, in front of ``upstream_port``."""
     server = readme_snippet()
-    server = server.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{offload_stack.port};")
+    server = server.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream_port};")
     server = server.replace("listen 443 ssl;", f"listen 127.0.0.1:{port};")
-    server = server.replace("server_name example.com;", "server_name 127.0.0.1;")
+    return server.replace("server_name example.com;", "server_name 127.0.0.1;")
+
+
+@contextlib.contextmanager
+def running_nginx(server: str, port: int, tmp_path) -> Iterator[int]:
+    """Run nginx (one worker, files under ``tmp_path``) with ``server`` until the block ends."""
+    if not os.path.exists(NGINX):
+        pytest.skip("nginx is not installed (apt-get install nginx-light)")
     conf = tmp_path / "nginx.conf"
     conf.write_text(
         f"daemon off;\nworker_processes 1;\npid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
@@ -54,8 +60,18 @@ def nginx(offload_stack, tmp_path):
         raise RuntimeError(f"nginx did not listen on {port}: {proc.stderr.read().decode()}") from None
     if proc.poll() is not None:
         raise RuntimeError(f"nginx exited with {proc.returncode}: {proc.stderr.read().decode()}")
-    yield port
-    stop(proc, signal.SIGQUIT)
+    try:
+        yield port
+    finally:
+        stop(proc, signal.SIGQUIT)
+
+
+@pytest.fixture
+def nginx(offload_stack, tmp_path):
+    """nginx with the README's server block, in plain HTTP on a free port, in front of the stack."""
+    port = free_port()
+    with running_nginx(readme_server(offload_stack.port, port), port, tmp_path):
+        yield port
 
 
 def test_websocket_through_nginx(nginx, facility):

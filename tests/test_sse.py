@@ -36,9 +36,10 @@ class EventStream:
         self.response = self.conn.getresponse()
         self.last_id: str | None = None
         self.comments = 0
+        self.heartbeats = 0
 
     def next(self) -> tuple[str, dict]:
-        """Return the next (event, data) pair; comments are counted, not returned."""
+        """Return the next (event, data) pair; comments and heartbeats are counted, not returned."""
         event, data = "message", []
         while True:
             line = self.response.fp.readline()
@@ -46,9 +47,12 @@ class EventStream:
                 raise ConnectionError("stream ended")
             line = line.decode("utf-8").rstrip("\n")
             if line == "":
-                if data:
+                if event == "heartbeat" and data:
+                    assert json.loads("\n".join(data)) == {"type": "heartbeat"}
+                    self.heartbeats += 1
+                elif data:
                     return event, json.loads("\n".join(data))
-                event = "message"
+                event, data = "message", []
                 continue
             if line.startswith(":"):
                 self.comments += 1
@@ -194,20 +198,22 @@ def test_post_publish_refusals(stack, project, facility):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("mode", ["offload", "runserver"])
-def test_keepalive_comments_keep_an_idle_stream_alive(project, tmp_path, mode):
+def test_keepalive_heartbeats_keep_an_idle_stream_alive(project, tmp_path, mode):
     from tests.conftest import start_stack, stop
 
     stack = start_stack(mode, project, tmp_path, DJANGO_WS_HEARTBEAT="0.3")
     try:
         # A 1-second read timeout stands for a proxy's idle timeout: without the
-        # comments, the idle stream below would be cut.
+        # heartbeat events, the idle stream below would be cut.
         es = EventStream(stack, "/ws/keepalive?subscribe-broadcast", timeout=1.0)
         es.until("ready")
-        while es.comments < 8:  # well over a second of silence
+        while es.heartbeats < 8:  # well over a second without a message
             line = es.response.fp.readline()
             assert line, "stream ended"
-            if line.startswith(b":"):
-                es.comments += 1
+            if line == b"event: heartbeat\n":
+                es.heartbeats += 1
+        assert es.response.fp.readline() == b'data: {"type":"heartbeat"}\n'
+        assert es.response.fp.readline() == b"\n"
         django_ws.publish("keepalive", "still here", broadcast=True)
         assert es.next()[1]["data"] == "still here"
         es.close()

@@ -652,14 +652,13 @@ SSE_HEADERS = [
     ("X-Accel-Buffering", "no"),  # nginx: do not buffer the stream
 ]
 
+# Sent every heartbeat on an event stream (a comment would be invisible to EventSource).
+SSE_HEARTBEAT = b'event: heartbeat\ndata: {"type":"heartbeat"}\n\n'
+
 
 def wants_event_stream(method: str, headers: Mapping[str, str]) -> bool:
     """Tell whether a request asks for a Server-Sent Events stream rather than a websocket."""
-    return (
-        method == "GET"
-        and "text/event-stream" in headers.get("HTTP_ACCEPT", "")
-        and not headers.get("HTTP_UPGRADE")
-    )
+    return method == "GET" and "text/event-stream" in headers.get("HTTP_ACCEPT", "") and not headers.get("HTTP_UPGRADE")
 
 
 def encode_event_id(positions: Mapping[str, tuple[int, str]]) -> str:

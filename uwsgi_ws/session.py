@@ -34,6 +34,7 @@ from .hub import Hub, SubscribeTimeout
 from .protocol import (
     KIND_BINARY,
     KIND_TEXT,
+    SSE_HEARTBEAT,
     Envelope,
     Position,
     RateLimiter,
@@ -364,7 +365,7 @@ class EventStreamSession(Session):
 
     Every event's id carries the positions of all channels, so the browser's
     automatic reconnection (Last-Event-ID) resumes exactly where it stopped. A
-    comment line every heartbeat keeps proxies from closing an idle stream.
+    ``heartbeat`` event every heartbeat keeps proxies from closing an idle stream.
     """
 
     answers_heartbeats = False
@@ -373,12 +374,12 @@ class EventStreamSession(Session):
         pass  # a client has nothing to say on an event stream
 
     def _heartbeat(self) -> None:
-        self.transport.send(b": heartbeat\n\n")
+        # An event, not a comment: proxies see traffic and the browser client's
+        # watchdog (EventSource hides comments) sees that the stream is alive.
+        self.transport.send(SSE_HEARTBEAT)
 
     def _event_id(self) -> str:
-        return encode_event_id(
-            {self._labels[c]: (offset, epoch) for c, (epoch, offset) in self._positions.items()}
-        )
+        return encode_event_id({self._labels[c]: (offset, epoch) for c, (epoch, offset) in self._positions.items()})
 
     def _control(self, event: str, document: dict[str, object]) -> bytes:
         data = json.dumps(document, separators=(",", ":"))

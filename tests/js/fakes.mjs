@@ -153,3 +153,73 @@ export function recoverOf(url) {
   }
   return undefined;
 }
+
+/** An EventSource class whose instances are driven by the test (named events, open, errors). */
+export function fakeEventSourceClass() {
+  class FakeEventSource {
+    constructor(url, init) {
+      this.url = url;
+      this.withCredentials = !!(init && init.withCredentials);
+      this.readyState = 0;
+      this.closed = false;
+      this.onopen = null;
+      this.listeners = new Map(); // type -> [fn]
+      FakeEventSource.instances.push(this);
+    }
+    addEventListener(type, fn) {
+      if (!this.listeners.has(type)) this.listeners.set(type, []);
+      this.listeners.get(type).push(fn);
+    }
+    close() {
+      this.closed = true;
+      this.readyState = 2;
+    }
+    // what the server (or the network) does
+    open() {
+      this.readyState = 1;
+      if (this.onopen) this.onopen({ type: "open" });
+    }
+    /** A named event whose data is `doc` (JSON-encoded unless a string). */
+    emit(type, doc) {
+      if (this.closed) return;
+      const data = typeof doc === "string" ? doc : JSON.stringify(doc);
+      for (const fn of this.listeners.get(type) || []) fn({ type, data });
+    }
+    /** A connection error (no data): EventSource would retry by itself. */
+    fail() {
+      if (this.closed) return;
+      this.readyState = 0;
+      for (const fn of this.listeners.get("error") || []) fn({ type: "error" });
+    }
+  }
+  FakeEventSource.instances = [];
+  Object.defineProperty(FakeEventSource, "last", { get: () => FakeEventSource.instances.at(-1) });
+  return FakeEventSource;
+}
+
+/** A fetch recording its calls; each answers `respond(call)` ({status, text}) or rejects if it throws. */
+export function fakeFetch(respond = () => ({ status: 200, text: '{"published":[]}' })) {
+  const calls = [];
+  const fetch = (url, init) => {
+    const call = { url, ...init };
+    calls.push(call);
+    let answer;
+    try {
+      answer = respond(call);
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    return Promise.resolve({
+      ok: answer.status >= 200 && answer.status < 300,
+      status: answer.status,
+      text: () => Promise.resolve(answer.text || ""),
+    });
+  };
+  fetch.calls = calls;
+  return fetch;
+}
+
+/** Let pending promise callbacks run. */
+export async function settle() {
+  for (let i = 0; i < 10; i++) await new Promise((resolve) => setImmediate(resolve));
+}

@@ -14,6 +14,12 @@ export type PositionMap = Record<string, Position>;
 
 export type Status = "connecting" | "connected" | "reconnecting" | "closed";
 
+/**
+ * "websocket"; "sse": Server-Sent Events on the same URL, messages sent with POST;
+ * "auto": a websocket, falling back to "sse" when none can be opened.
+ */
+export type Transport = "auto" | "websocket" | "sse";
+
 export interface Target {
   /** The facility: the URL part after settings.WEBSOCKET_URL. */
   facility?: string;
@@ -47,6 +53,13 @@ export interface WebSocketLike {
   close(code?: number, reason?: string): void;
 }
 
+/** What the client uses of EventSource. */
+export interface EventSourceLike {
+  onopen: ((event: unknown) => void) | null;
+  addEventListener(type: string, listener: (event: { data?: string }) => void): void;
+  close(): void;
+}
+
 export interface BackoffOptions {
   /** ms before the first reconnection attempt, before jitter. Default 500. */
   minDelay?: number;
@@ -75,9 +88,30 @@ export interface Options extends BackoffOptions {
   positions?: PositionMap | null;
   /** The server's limit on the query string. Default 8192. */
   maxQueryLength?: number;
+  /**
+   * How to connect. Default "auto": a websocket; if the first ones fail (closed before
+   * the server's "ready", or not ready within fallbackTimeout) before any websocket has
+   * worked, Server-Sent Events (EventSource) from then on, for the life of the connection,
+   * with the same events, recovery and send() (as POST requests). "websocket" never falls
+   * back; "sse" never tries websockets.
+   */
+  transport?: Transport;
+  /** ms a websocket may take to become ready before "auto" falls back. Default 10000. */
+  fallbackTimeout?: number;
+  /** Event streams and POSTs: send cookies cross-origin (EventSource withCredentials). Default false. */
+  withCredentials?: boolean;
+  /** Event streams: the CSRF token for POSTs (or a function returning it). Default: the cookie's. */
+  csrfToken?: string | (() => string | null) | null;
+  /** Event streams: the CSRF cookie's name, settings.CSRF_COOKIE_NAME. Default "csrftoken". */
+  csrfCookieName?: string;
 
   // Injectable environment (tests, non-browser hosts); defaults are the globals.
   WebSocket?: new (url: string) => WebSocketLike;
+  EventSource?: new (url: string, init?: { withCredentials?: boolean }) => EventSourceLike;
+  fetch?: (url: string, init: { method: string; body: unknown; headers: Record<string, string>; credentials: string }) =>
+    Promise<{ ok: boolean; status: number; text(): Promise<string> }>;
+  /** Where the CSRF cookie is read (document.cookie). Default document. */
+  document?: { cookie: string } | null;
   setTimeout?: (fn: () => void, ms: number) => unknown;
   clearTimeout?: (id: any) => void;
   /** Clock in ms. Default Date.now. */
@@ -119,14 +153,19 @@ export interface CloseInfo {
 }
 
 export interface ErrorInfo {
-  /** "server": an error frame; "protocol": an undecodable frame; "socket": the WebSocket constructor threw. */
-  source: "server" | "protocol" | "socket";
+  /**
+   * "server": an error frame; "protocol": an undecodable frame; "socket": the WebSocket
+   * (or EventSource) constructor threw; "publish": an event stream's POST of a sent
+   * message failed (`status`: its HTTP status, 0 for a network error).
+   */
+  source: "server" | "protocol" | "socket" | "publish";
   message: string;
+  status?: number;
   error?: unknown;
 }
 
 export interface EventMap {
-  open: { url: string };
+  open: { url: string; transport: "websocket" | "sse" };
   message: IncomingMessage;
   subscribed: SubscribedEvent;
   recovered: { channel: string };
@@ -136,6 +175,8 @@ export interface EventMap {
   close: CloseInfo;
   reconnecting: { attempt: number; delay: number };
   status: Status;
+  /** "auto" fell back to Server-Sent Events. */
+  transport: "sse";
 }
 
 export class Connection {
@@ -143,6 +184,8 @@ export class Connection {
   /** The endpoint URL (without the recover parameter). */
   readonly url: string;
   readonly status: Status;
+  /** The transport in use (or about to be): "websocket" or "sse". */
+  readonly transport: "websocket" | "sse";
   readonly options: Required<BackoffOptions> & Options;
   on<K extends keyof EventMap>(name: K, listener: (this: Connection, event: EventMap[K]) => void): this;
   off<K extends keyof EventMap>(name: K, listener: (this: Connection, event: EventMap[K]) => void): this;
@@ -184,6 +227,26 @@ export function checkHeartbeat(now: number, lastActivity: number, timeout: numbe
 export function decodeFrame(data: string | ArrayBuffer | ArrayBufferView): { type: string; [key: string]: unknown };
 export function encodeOutgoing(data: unknown): string | ArrayBuffer | ArrayBufferView | Blob;
 export function isValidPosition(offset: unknown, epoch: unknown): boolean;
+/** The data of a Server-Sent Event as a frame; base64 binary payloads become ArrayBuffers. */
+export function decodeEventData(text: string): { type: string; [key: string]: unknown };
+/** The value of a cookie in a document.cookie string, or null. */
+export function readCookie(cookies: string, name: string): string | null;
+/** The http(s) URL of the event stream at a websocket URL. */
+export function streamUrl(url: string): string;
+/** An event stream with a WebSocket's face, as the Connection uses it. */
+export class EventStreamSocket implements WebSocketLike {
+  constructor(url: string, env: object);
+  readonly readyState: number;
+  readonly url: string;
+  binaryType: string;
+  onopen: ((event: unknown) => void) | null;
+  onmessage: ((event: { data: unknown }) => void) | null;
+  onclose: ((event: { code?: number; reason?: string; wasClean?: boolean }) => void) | null;
+  onerror: ((event: unknown) => void) | null;
+  onsendfailed: ((failure: { status: number; message: string }) => void) | null;
+  send(data: string | ArrayBuffer | ArrayBufferView | Blob): void;
+  close(): void;
+}
 
 export const CLOSE_CODES: {
   NORMAL: 1000;
@@ -209,6 +272,10 @@ declare const DjangoWs: {
   checkHeartbeat: typeof checkHeartbeat;
   decodeFrame: typeof decodeFrame;
   encodeOutgoing: typeof encodeOutgoing;
+  decodeEventData: typeof decodeEventData;
+  readCookie: typeof readCookie;
+  streamUrl: typeof streamUrl;
+  EventStreamSocket: typeof EventStreamSocket;
   isValidPosition: typeof isValidPosition;
   CLOSE_CODES: typeof CLOSE_CODES;
   DEFAULTS: typeof DEFAULTS;

@@ -8,6 +8,8 @@
  * The wire format it speaks is defined by uwsgi_ws/protocol.py and uwsgi_ws/session.py:
  * JSON text frames with a "type" (message, subscribed, ready, heartbeat, error) and
  * binary message frames (2-byte big-endian header length, JSON header, payload).
+ * Where a websocket cannot be opened, it falls back to Server-Sent Events on the same
+ * URL (the same JSON documents as named events) and publishes with POST requests.
  *
  * The pure parts (backoff, URL building, recovery positions, the heartbeat deadline,
  * frame decoding) are plain functions, exported for tests; the Connection takes its
@@ -26,8 +28,9 @@
   var FACILITY_RE = /^[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,62}[A-Za-z0-9_-])?$/;
   var EVENTS = [
     "open", "message", "subscribed", "recovered", "notrecovered", "ready",
-    "error", "close", "reconnecting", "status",
+    "error", "close", "reconnecting", "status", "transport",
   ];
+  var TRANSPORTS = ["auto", "websocket", "sse"];
   // The server's limits on the query string (uwsgi_ws.protocol.parse_query).
   var MAX_QUERY_LENGTH = 8192;
   var MAX_RECOVER_CHANNELS = 256;
@@ -54,6 +57,11 @@
     recover: true, // resume from the last positions seen when reconnecting
     positions: null, // positions to recover from on the first connection
     maxQueryLength: MAX_QUERY_LENGTH,
+    transport: "auto", // "websocket", "sse", or "auto": websocket, else Server-Sent Events
+    fallbackTimeout: 10000, // ms a first websocket may take to become ready before "auto" falls back
+    withCredentials: false, // send cookies with cross-origin event streams and POSTs
+    csrfToken: null, // token (or function returning it) for POSTs; null: the csrftoken cookie
+    csrfCookieName: "csrftoken", // settings.CSRF_COOKIE_NAME
   };
   var DEFAULT_HEARTBEAT = 20; // seconds, DJANGO_WS["HEARTBEAT"]'s default
   var HEARTBEAT_MARGIN = 2.5; // heartbeats missed before the socket is declared dead
@@ -293,6 +301,160 @@
     return text;
   }
 
+  /** The http(s) URL of the event stream at the same place as websocket URL `url`. */
+  function streamUrl(url) {
+    return url.replace(/^ws/i, "http");
+  }
+
+  /** Decode standard base64 into an ArrayBuffer. */
+  function base64ToBuffer(text) {
+    var binary = atob(text);
+    var bytes = new Uint8Array(binary.length);
+    for (var i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+    return bytes.buffer;
+  }
+
+  /**
+   * Decode the data of a Server-Sent Event: the JSON document a websocket text frame
+   * carries; a binary payload arrives base64-encoded and becomes an ArrayBuffer.
+   * Throws on anything else.
+   */
+  function decodeEventData(text) {
+    var frame = decodeFrame(String(text));
+    if (frame.binary === true && typeof frame.data === "string") frame.data = base64ToBuffer(frame.data);
+    return frame;
+  }
+
+  /** The value of cookie `name` in a document.cookie string, or null. */
+  function readCookie(cookies, name) {
+    var parts = (cookies || "").split(";");
+    for (var i = 0; i < parts.length; i++) {
+      var part = parts[i].replace(/^\s+/, "");
+      if (part.slice(0, name.length + 1) === name + "=") {
+        try {
+          return decodeURIComponent(part.slice(name.length + 1));
+        } catch (e) {
+          return part.slice(name.length + 1);
+        }
+      }
+    }
+    return null;
+  }
+
+  // ------------------------------------------------------------------ event streams
+
+  var STREAM_EVENTS = ["message", "subscribed", "ready", "heartbeat"];
+
+  /**
+   * A Server-Sent Events stream dressed as a WebSocket, for the Connection: onopen,
+   * onmessage (with the decoded `frame`), onclose ({code, reason, wasClean}), send()
+   * and close(). Messages are sent as POST requests to the same URL, one at a time
+   * and in order; `onsendfailed` hears about those that were not published.
+   *
+   * The browser's own reconnection is not used: on any interruption the stream is
+   * closed and reported, and the Connection reconnects with its backoff and the
+   * positions it saw (as `recover`), like for a websocket.
+   */
+  function EventStreamSocket(url, env) {
+    var self = this;
+    this.url = url;
+    this.readyState = 0;
+    this.binaryType = "arraybuffer";
+    this.onopen = this.onmessage = this.onclose = this.onerror = this.onsendfailed = null;
+    this._env = env;
+    this._postUrl = withRecover(url, null);
+    this._posting = Promise.resolve();
+    this._closeFrame = null;
+    this._es = new env.EventSource(url, { withCredentials: !!env.withCredentials });
+    this._es.onopen = function () {
+      if (self.readyState !== 0) return;
+      self.readyState = 1;
+      if (self.onopen) self.onopen({ type: "open" });
+    };
+    var deliver = function (event) { self._frame(event.data); };
+    STREAM_EVENTS.forEach(function (name) { self._es.addEventListener(name, deliver); });
+    this._es.addEventListener("close", function (event) {
+      try {
+        self._closeFrame = JSON.parse(event.data);
+      } catch (e) {
+        self._closeFrame = { code: 1006, reason: "" };
+      }
+      self._ended(true);
+    });
+    // A named "error" event is a server frame (it has data); a plain one is the
+    // connection failing, or ending, which EventSource would retry by itself.
+    this._es.addEventListener("error", function (event) {
+      if (event && typeof event.data === "string") self._frame(event.data);
+      else self._ended(false);
+    });
+  }
+
+  EventStreamSocket.prototype._frame = function (data) {
+    if (this.readyState !== 1) return;
+    var frame;
+    try {
+      frame = decodeEventData(data);
+    } catch (error) {
+      if (this.onmessage) this.onmessage({ type: "message", data: data, error: error });
+      return;
+    }
+    if (this.onmessage) this.onmessage({ type: "message", data: data, frame: frame });
+  };
+
+  EventStreamSocket.prototype._ended = function (clean) {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    this._es.close();
+    var frame = this._closeFrame || {};
+    var code = typeof frame.code === "number" ? frame.code : 1006;
+    if (this.onclose) this.onclose({ type: "close", code: code, reason: String(frame.reason || ""), wasClean: clean });
+  };
+
+  EventStreamSocket.prototype.close = function () {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    this._es.close();
+  };
+
+  EventStreamSocket.prototype._csrfToken = function () {
+    var token = this._env.csrfToken;
+    if (typeof token === "function") token = token();
+    if (token) return String(token);
+    var doc = this._env.document;
+    return doc ? readCookie(doc.cookie, this._env.csrfCookieName || "csrftoken") : null;
+  };
+
+  /** POST `payload` to the facility URL, after the messages sent before it. */
+  EventStreamSocket.prototype.send = function (payload) {
+    if (this.readyState !== 1) throw new Error("InvalidStateError: the event stream is not open");
+    var self = this;
+    var env = this._env;
+    var binary = typeof payload !== "string";
+    var headers = { "Content-Type": binary ? "application/octet-stream" : "text/plain; charset=utf-8" };
+    var token = this._csrfToken();
+    if (token) headers["X-CSRFToken"] = token;
+    var failed = function (status, message) {
+      if (self.onsendfailed) self.onsendfailed({ status: status, message: message });
+    };
+    this._posting = this._posting.then(function () {
+      return env.fetch(self._postUrl, {
+        method: "POST",
+        body: payload,
+        headers: headers,
+        credentials: env.withCredentials ? "include" : "same-origin",
+      }).then(function (response) {
+        if (response.ok) return;
+        return response.text().then(function (text) {
+          failed(response.status, (text || "").trim() || "HTTP " + response.status);
+        }, function () {
+          failed(response.status, "HTTP " + response.status);
+        });
+      }, function (error) {
+        failed(0, "not sent: " + String(error && error.message || error));
+      });
+    });
+  };
+
   // ------------------------------------------------------------------ Connection
 
   var OPEN = 1;
@@ -313,10 +475,32 @@
     for (k in options || {}) if (options[k] !== undefined) o[k] = options[k];
     var g = typeof globalThis !== "undefined" ? globalThis : {};
     this.options = o;
-    this._WebSocket = o.WebSocket || g.WebSocket;
-    if (typeof this._WebSocket !== "function") {
-      throw new TypeError("no WebSocket implementation: pass options.WebSocket");
+    if (TRANSPORTS.indexOf(o.transport) < 0) {
+      throw new TypeError("unknown transport " + JSON.stringify(o.transport) + ": use " + TRANSPORTS.join(", "));
     }
+    this._WebSocket = o.WebSocket || g.WebSocket;
+    this._EventSource = o.EventSource || g.EventSource;
+    var canWs = typeof this._WebSocket === "function";
+    var canSse = typeof this._EventSource === "function";
+    if (o.transport === "websocket" && !canWs) throw new TypeError("no WebSocket implementation: pass options.WebSocket");
+    if (o.transport === "sse" && !canSse) throw new TypeError("no EventSource implementation: pass options.EventSource");
+    if (!canWs && !canSse) throw new TypeError("neither WebSocket nor EventSource is available: pass options.WebSocket");
+    /** The transport in use: "websocket" or "sse" (Server-Sent Events with POST to send). */
+    this.transport = o.transport === "sse" || (o.transport === "auto" && !canWs) ? "sse" : "websocket";
+    // "auto" falls back to event streams until a websocket has worked once.
+    this._mayFallBack = o.transport === "auto" && canSse && this.transport === "websocket";
+    this._fallbackTimer = null;
+    var f = o.fetch || g.fetch;
+    this._streamEnv = {
+      EventSource: this._EventSource,
+      fetch: f ? function (url, init) { return f(url, init); } : function () {
+        return Promise.reject(new TypeError("no fetch implementation: pass options.fetch"));
+      },
+      document: o.document !== undefined ? o.document : g.document,
+      withCredentials: o.withCredentials,
+      csrfToken: o.csrfToken,
+      csrfCookieName: o.csrfCookieName,
+    };
     // Timer functions are called unbound: browsers refuse window.setTimeout on another `this`.
     var st = o.setTimeout || g.setTimeout;
     var ct = o.clearTimeout || g.clearTimeout;
@@ -467,14 +651,16 @@
     if (this._stopped) return;
     if (!this._isOnline()) return; // the "online" event calls _connect again
     var positions = this._positions.toJSON();
-    var url = withRecover(this.url, this.options.recover ? positions : null, this.options.maxQueryLength);
+    var sse = this.transport === "sse";
+    var url = withRecover(sse ? streamUrl(this.url) : this.url, this.options.recover ? positions : null,
+      this.options.maxQueryLength);
     this._knownAtConnect = new Set(Object.keys(positions));
     var ws;
     try {
-      ws = new this._WebSocket(url);
+      ws = sse ? new EventStreamSocket(url, this._streamEnv) : new this._WebSocket(url);
     } catch (error) {
       this._emit("error", { source: "socket", message: String(error && error.message || error), error: error });
-      this._retry();
+      if (!this._fallBack()) this._retry();
       return;
     }
     ws.binaryType = "arraybuffer";
@@ -486,8 +672,34 @@
     ws.onmessage = function (event) { self._handleMessage(ws, event); };
     ws.onclose = function (event) { self._handleClose(ws, event); };
     ws.onerror = function () {}; // a close event always follows
+    if (sse) {
+      ws.onsendfailed = function (failure) {
+        self._emit("error", { source: "publish", message: failure.message, status: failure.status });
+      };
+    }
     this._lastActivity = this._now();
     this._armWatchdog(this._heartbeatTimeout);
+    if (this._mayFallBack && !sse) {
+      this._fallbackTimer = this._setTimeout(function () {
+        self._fallbackTimer = null;
+        if (self._ws !== ws || self._ready) return;
+        self._abandon("websocket not ready after " + self.options.fallbackTimeout + " ms");
+        if (!self._fallBack()) self._retry();
+      }, this.options.fallbackTimeout);
+    }
+  };
+
+  /**
+   * In "auto" mode, before any websocket has worked: switch to event streams and
+   * connect at once. Returns false when there is no falling back (left to _retry).
+   */
+  Connection.prototype._fallBack = function () {
+    if (!this._mayFallBack || this._stopped || this.transport !== "websocket") return false;
+    this._mayFallBack = false;
+    this.transport = "sse";
+    this._emit("transport", "sse");
+    this._connect();
+    return true;
   };
 
   /** Stop listening to the current socket. */
@@ -499,6 +711,10 @@
     if (this._watchdogTimer !== null) {
       this._clearTimeout(this._watchdogTimer);
       this._watchdogTimer = null;
+    }
+    if (this._fallbackTimer !== null) {
+      this._clearTimeout(this._fallbackTimer);
+      this._fallbackTimer = null;
     }
   };
 
@@ -529,7 +745,7 @@
         return;
       }
       self._abandon("heartbeat timeout");
-      self._retry();
+      if (!self._fallBack()) self._retry();
     }, wait);
   };
 
@@ -554,28 +770,30 @@
   Connection.prototype._handleOpen = function (ws) {
     if (ws !== this._ws) return;
     this._lastActivity = this._now();
-    this._emit("open", { url: ws.url });
+    this._emit("open", { url: ws.url, transport: this.transport });
   };
 
   Connection.prototype._handleClose = function (ws, event) {
     if (ws !== this._ws) return;
     this._detach();
-    var willReconnect = !this._stopped && this._attempt < this.options.maxRetries;
+    var fallBack = this._mayFallBack && this.transport === "websocket" && !this._stopped;
+    var willReconnect = fallBack || (!this._stopped && this._attempt < this.options.maxRetries);
     this._emit("close", {
       code: event && event.code,
       reason: (event && event.reason) || "",
       wasClean: !!(event && event.wasClean),
       willReconnect: willReconnect,
     });
-    this._retry();
+    if (!this._fallBack()) this._retry();
   };
 
   Connection.prototype._handleMessage = function (ws, event) {
     if (ws !== this._ws) return;
     this._lastActivity = this._now();
-    var frame;
+    var frame = event.frame;
     try {
-      frame = decodeFrame(event.data);
+      if (event.error) throw event.error;
+      if (!frame) frame = decodeFrame(event.data);
     } catch (error) {
       this._emit("error", { source: "protocol", message: "undecodable frame: " + error.message, error: error });
       return;
@@ -622,6 +840,7 @@
   Connection.prototype._handleReady = function (ws, frame) {
     this._ready = true;
     this._attempt = 0;
+    if (this.transport === "websocket") this._mayFallBack = false; // websockets work here
     this._positions.retain(this._subscribedNow);
     if (!this._explicitTimeout && typeof frame.heartbeat === "number" && frame.heartbeat > 0) {
       this._heartbeatTimeout = HEARTBEAT_MARGIN * frame.heartbeat * 1000;
@@ -648,6 +867,10 @@
     checkHeartbeat: checkHeartbeat,
     decodeFrame: decodeFrame,
     encodeOutgoing: encodeOutgoing,
+    decodeEventData: decodeEventData,
+    readCookie: readCookie,
+    streamUrl: streamUrl,
+    EventStreamSocket: EventStreamSocket,
     isValidPosition: isValidPosition,
     CLOSE_CODES: CLOSE_CODES,
     DEFAULTS: DEFAULTS,
