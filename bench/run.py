@@ -361,10 +361,16 @@ class Ours:
 
     def start(self) -> None:
         self.port, self.ws_port = free_port(), free_port()
+        if self.args.offload_to == "unix":
+            self.ws_socket: str | None = str(self.tmp / f"ws-{self.ws_port}.sock")
+            offload_to = self.ws_socket
+        else:
+            self.ws_socket = None
+            offload_to = f"127.0.0.1:{self.ws_port}"
         env = {
             **self.base_env(),
             "DJANGO_WS_HTTP": f"127.0.0.1:{self.port}",
-            "DJANGO_WS_OFFLOAD_TO": f"127.0.0.1:{self.ws_port}",
+            "DJANGO_WS_OFFLOAD_TO": offload_to,
             "DJANGO_WS_ASYNC": str(self.args.async_cores),
             "DJANGO_WS_WORKERS": str(self.args.workers),
             "DJANGO_WS_PROCESSES": str(self.args.front_processes),
@@ -382,11 +388,21 @@ class Ours:
         )
         try:
             wait_for(lambda: self.proc.poll() is None and port_open(self.port), 60, "the front instance")
-            wait_for(lambda: port_open(self.ws_port), 60, "the websocket instance")
+            wait_for(self.ws_listening, 60, "the websocket instance")
             wait_for(lambda: len(self.ws_workers()) >= self.args.workers, 30, "the websocket workers")
         except TimeoutError:
             self.stop()
             raise RuntimeError(f"our stack did not start; log:\n{self.log.read_text()[-3000:]}") from None
+
+    def ws_listening(self) -> bool:
+        if self.ws_socket is None:
+            return port_open(self.ws_port)
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(self.ws_socket)
+            except OSError:
+                return False
+            return True
 
     def pids(self) -> list[int]:
         assert self.proc is not None
@@ -976,7 +992,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--offload-threads",
         type=int,
         default=0,
-        help="offload threads per front process (ours; default: the ini's value, 2)",
+        help="offload threads per front process (ours; default: the ini's value, 8)",
+    )
+    p.add_argument(
+        "--offload-to",
+        choices=["tcp", "unix"],
+        default="unix",
+        help="how the front reaches the websocket instance (ours): a unix socket or loopback TCP",
     )
     p.add_argument("--listen", type=int, default=4096, help="listen backlog of the servers")
     p.add_argument("--parallel", type=int, default=100, help="handshakes in flight at a time")

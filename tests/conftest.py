@@ -208,6 +208,15 @@ def project(redis_server, tmp_path_factory):
 # --------------------------------------------------------------------------- uWSGI
 
 
+def unix_socket_open(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+        return True
+
+
 @dataclass
 class Stack:
     mode: str
@@ -242,7 +251,10 @@ def start_stack(mode: str, project: Project, tmp: Path, **extra: str) -> Stack:
         **extra,
     }
     if ws_port:
-        env["DJANGO_WS_OFFLOAD_TO"] = f"127.0.0.1:{ws_port}"
+        # A path in ``extra`` puts the websocket instance on a unix socket instead.
+        env.setdefault("DJANGO_WS_OFFLOAD_TO", f"127.0.0.1:{ws_port}")
+    unix_socket = env.get("DJANGO_WS_OFFLOAD_TO", "") if mode == "offload" else ""
+    unix_socket = unix_socket if unix_socket.startswith("/") else ""
     log = tmp / f"server-{mode}.log"
     if mode == "runserver":
         command = [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"]
@@ -262,7 +274,9 @@ def start_stack(mode: str, project: Project, tmp: Path, **extra: str) -> Stack:
     stack = Stack(mode, port, ws_port, [proc], log)
     try:
         wait_for(lambda: proc.poll() is None and port_open(port), what=f"{mode} server", timeout=30)
-        if ws_port:
+        if unix_socket:
+            wait_for(lambda: unix_socket_open(unix_socket), what="websocket instance", timeout=30)
+        elif ws_port:
             wait_for(lambda: port_open(ws_port), what="websocket instance", timeout=30)
     except TimeoutError:
         stop(proc)

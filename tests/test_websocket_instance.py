@@ -162,3 +162,26 @@ def test_1100_websockets_on_one_worker_all_receive_and_redis_connections_stay_co
             # plus at most the configured pool (DJANGO_WS_POOL_SIZE=4 in the test stacks)
             assert per_worker["hub"] == 1
             assert per_worker["pool"] <= 4
+
+
+def test_front_reaches_the_websocket_instance_over_a_unix_socket(project, tmp_path, facility):
+    """DJANGO_WS_OFFLOAD_TO may be a unix socket path (cheaper than loopback TCP)."""
+    from tests.conftest import WS, start_stack, stop
+    from tests.test_sse import EventStream
+
+    path = tmp_path / "ws.sock"
+    stack = start_stack("offload", project, tmp_path, DJANGO_WS_OFFLOAD_TO=str(path))
+    try:
+        assert path.is_socket()
+        ws = WS(stack.url(f"/ws/{facility}?subscribe-broadcast"))
+        ws.ready()
+        es = EventStream(stack, f"/ws/{facility}?subscribe-broadcast")
+        es.until("ready")
+        django_ws.publish(facility, "over a unix socket", broadcast=True)
+        assert ws.next()["data"] == "over a unix socket"
+        assert es.next()[1]["data"] == "over a unix socket"
+        ws.close()
+        es.close()
+    finally:
+        for proc in stack.procs:
+            stop(proc)

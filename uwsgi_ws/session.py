@@ -18,6 +18,7 @@ Close codes used (besides the standard ones wsproto picks for protocol errors):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -97,8 +98,12 @@ class Session:
         self._incoming_size = 0
         self._closing = False
         # Live deliveries (Hub thread) and history replays (session thread) both
-        # write to the transport and the positions: one at a time, in order.
-        self._lock = threading.RLock()
+        # write to the transport and the positions: one at a time, in order. Under
+        # gevent nothing between two sends can switch greenlets: no lock needed.
+        self._cooperative = getattr(transport, "cooperative", False)
+        self._lock: contextlib.AbstractContextManager[object] = (
+            contextlib.nullcontext() if self._cooperative else threading.RLock()
+        )
 
     # ----------------------------------------------------------------- main loop
 
@@ -261,6 +266,13 @@ class Session:
 
     def deliver(self, channel: str, envelope: Envelope, frame: bytes) -> None:
         """Take one live message from the Hub (never blocks)."""
+        if self._cooperative:  # the broadcast path: no context manager per listener
+            held = self._held.get(channel)
+            if held is not None:
+                held.append((envelope, frame))
+            else:
+                self._deliver(channel, envelope, frame)
+            return
         with self._lock:
             held = self._held.get(channel)
             if held is not None:
