@@ -314,7 +314,7 @@ def reproduce(cfg: dict) -> str:
         extra.append(f"--only {cfg['only']}")
     if cfg.get("profile"):
         extra.append("--profile " + " ".join(cfg["profile"]))
-    for key, default in (("workers", 1), ("offload_threads", 0), ("parallel", 100)):
+    for key, default in (("workers", 1), ("offload_threads", 0), ("parallel", 100), ("offload_to", "unix")):
         if cfg.get(key, default) != default:
             extra.append(f"--{key.replace('_', '-')} {cfg[key]}")
     if extra:
@@ -394,8 +394,11 @@ def render(doc: dict, source: Path, images: list[str]) -> str:
         "per message and sent as the same text to every receiver by both systems.",
         "",
         "Configurations: *ours*: `uwsgi --ini uwsgi.ini.example` (front: "
-        f"{cfg['front_processes']} processes x {cfg['front_threads']} threads, 2 offload threads each; websocket "
-        f"instance: {cfg['workers']} worker(s), gevent {cfg['async_cores']:,}; listen backlog {cfg['listen']:,}), "
+        f"{cfg['front_processes']} processes x {cfg['front_threads']} threads, "
+        f"{cfg.get('offload_threads') or 8} offload threads each; websocket "
+        f"instance: {cfg['workers']} worker(s), gevent {cfg['async_cores']:,}, reached by the front over "
+        f"{'loopback TCP' if cfg.get('offload_to') == 'tcp' else 'a unix socket'} (`DJANGO_WS_OFFLOAD_TO`); "
+        f"listen backlog {cfg['listen']:,}), "
         "the example project's middleware (Origin and session checks, signed ticket) on every handshake. "
         "*Channels*: one Daphne process (`daphne -e tcp:...:backlog=...`), `RedisChannelLayer` (the documented "
         "production layer) with its default capacity and expiry, on redis-py 7 (redis-py 8 breaks channels_redis "

@@ -17,7 +17,9 @@ ticket. Then, depending on the server:
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -49,6 +51,21 @@ logger = logging.getLogger(__name__)
 
 TICKET_VAR = "DJANGO_WS_TICKET"
 OFFLOAD_VAR = "DJANGO_WS_OFFLOAD"
+# The number of this worker thread (1, 2, ...): uwsgi.ini.example gives each thread its
+# own hand-over route, because uWSGI's "uwsgi" route action writes the packet size
+# into memory owned by the route, shared by the threads that run it at once.
+SLOT_VAR = "DJANGO_WS_SLOT"
+_slots = itertools.count(1)
+_thread = threading.local()
+
+
+def thread_slot() -> str:
+    """Return this thread's number in the process, 1 for the first thread that asks."""
+    try:
+        return _thread.slot  # type: ignore[no-any-return]
+    except AttributeError:
+        _thread.slot = str(next(_slots))  # itertools.count is atomic under the GIL
+        return _thread.slot  # type: ignore[no-any-return]
 # Set in the WSGI environ by servers that run websockets in-process.
 SERVER_KEY = "django_ws.server"
 
@@ -187,6 +204,7 @@ class WebSocketMiddleware:
                 uwsgi = None
             if uwsgi is not None:
                 uwsgi.add_var(TICKET_VAR, token)
+                uwsgi.add_var(SLOT_VAR, thread_slot())
                 uwsgi.add_var(OFFLOAD_VAR, conf.offload_to)
                 # The response routes of uwsgi.ini.example replace this response; a client
                 # only sees it if they are missing. Not a 5xx: Django would log every one.
