@@ -156,9 +156,19 @@ def targets(runs: list[dict], workers: int) -> list[str]:
         est >= TARGET_N and workers == 1 and not big.get("dropped_by_server"),
     )
     p99 = get(big, "broadcast", "latency_ms", "p99")
+    rounds = sorted(
+        r["latency_ms"]["p99"] for r in get(big, "broadcast", "rounds") or [] if get(r, "latency_ms", "p99") is not None
+    )
+    spread = (
+        f"; per round: min {fmt(rounds[0], 1)}, median {fmt(rounds[len(rounds) // 2], 1)}, max {fmt(rounds[-1], 1)} ms"
+        if rounds
+        else ""
+    )
     row(
         f"broadcast to {TARGET_N:,}: p99 < {TARGET_P99_MS:.0f} ms",
-        f"p99 {fmt(p99, 1)} ms" + (f" ({p99 / TARGET_P99_MS:.2f}x the target)" if p99 else ""),
+        f"p99 {fmt(p99, 1)} ms over all rounds' deliveries"
+        + (f" ({p99 / TARGET_P99_MS:.2f}x the target)" if p99 else "")
+        + spread,
         p99 is not None and p99 < TARGET_P99_MS,
     )
     total_lost = sum(lost(r) or 0 for r in ours.values())

@@ -979,7 +979,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="N=200, one round, 2 s of targeted mix")
     p.add_argument("--only", choices=["ours", "channels", "both"], default="both")
     p.add_argument("--n", type=lambda s: [int(x) for x in s.split(",")], help="connection counts, e.g. 1000,5000")
-    p.add_argument("--rounds", type=int, help="broadcast rounds per N (default 5; quick 1)")
+    p.add_argument("--rounds", type=int, help="broadcast rounds per N (default 10; quick 1)")
     p.add_argument("--pause", type=float, default=0.5, help="seconds between broadcast rounds")
     p.add_argument("--round-timeout", type=float, default=30.0)
     p.add_argument("--targeted-rate", type=float, default=1000.0)
@@ -1019,7 +1019,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.n is None:
         args.n = [200] if args.quick else [1000, 5000, 10000]
     if args.rounds is None:
-        args.rounds = 1 if args.quick else 5
+        args.rounds = 1 if args.quick else 10
     if args.targeted_seconds is None:
         args.targeted_seconds = 2.0 if args.quick else 10.0
     if args.quick:
