@@ -364,7 +364,8 @@ def render(doc: dict, source: Path, images: list[str]) -> str:
         "",
         "```sh",
         "scripts/bootstrap.sh        # .venv with uWSGI (SSL + PCRE), the project and its test extras",
-        "make bench                  # full: N = 1,000 / 5,000 / 10,000, both systems (about 5 minutes)",
+        "make bench                  # full: N = 1,000 / 5,000 / 10,000, both systems (about 6 minutes;"
+        " 2 more the first time, for the peer's virtualenv)",
         "make bench-quick            # N = 200, one round, both systems (under 2 minutes)",
         ".venv/bin/python bench/run.py --help     # --only ours|channels, --n, --rounds, --workers, --profile ours",
         "```",
