@@ -14,6 +14,8 @@ websocket instance of the offload mode.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -37,7 +39,12 @@ class WebSocketWSGIHandler:
     def websocket_app(self) -> WebSocketApplication:
         if self._websocket_app is None:
             conf = get_settings()
-            self._websocket_app = WebSocketApplication(Config(secret=conf.ticket_secret, redis_url=conf.redis_url))
+            # The secret and Redis come from Django's settings; the rest of the
+            # websocket side's tuning from the same DJANGO_WS_* variables as the
+            # websocket instance reads (DJANGO_WS_POOL_SIZE, ...).
+            tuning = Config.from_env({**os.environ, "DJANGO_WS_SECRET": "from Django's settings"})
+            config = dataclasses.replace(tuning, secret=conf.ticket_secret, redis_url=conf.redis_url)
+            self._websocket_app = WebSocketApplication(config)
         return self._websocket_app
 
     def close(self) -> None:

@@ -153,3 +153,31 @@ def test_ticket_in_environ_for_in_process_servers(project, rf):
 def test_other_paths_pass_through(project, rf):
     sentinel = object()
     assert WebSocketMiddleware(lambda r: sentinel)(rf.get("/elsewhere")) is sentinel
+
+
+def test_single_instance_takes_secret_from_settings_and_tuning_from_the_environment(project, monkeypatch):
+    from django_ws.wsgi import WebSocketWSGIHandler
+
+    monkeypatch.setenv("DJANGO_WS_POOL_SIZE", "3")
+    monkeypatch.setenv("DJANGO_WS_CLOCK_SKEW", "1.5")
+    monkeypatch.setenv("DJANGO_WS_SECRET", "not the one Django uses")
+    conf = get_settings()
+    config = WebSocketWSGIHandler(lambda environ, start_response: []).websocket_app().config
+    assert (config.pool_size, config.clock_skew) == (3, 1.5)
+    assert (config.secret, config.redis_url) == (conf.ticket_secret, conf.redis_url)
+
+
+def test_thread_slots_number_the_threads_of_a_process():
+    import threading
+
+    from django_ws.middleware import thread_slot
+
+    mine = thread_slot()
+    assert thread_slot() == mine  # stable per thread
+    seen: list[str] = []
+    threads = [threading.Thread(target=lambda: seen.append(thread_slot())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(seen + [mine])) == 5 and all(s.isdigit() and int(s) >= 1 for s in seen)
