@@ -65,6 +65,9 @@ DEFAULTS: dict[str, Any] = {
     # uWSGI socket of the websocket instance ("127.0.0.1:8001" or a unix path).
     # Default: $DJANGO_WS_OFFLOAD_TO. None: no offloading (single-instance mode).
     "OFFLOAD_TO": None,
+    # "PUBLISH", or "SPUBLISH" (sharded pub/sub, Redis 7): must match the websocket
+    # instance's DJANGO_WS_PUBLISH_COMMAND. Default: $DJANGO_WS_PUBLISH_COMMAND, else PUBLISH.
+    "PUBLISH_COMMAND": None,
 }
 
 AUDIENCE_NAMES = ("broadcast", "user", "group", "session")
@@ -96,6 +99,7 @@ class WsSettings:
     offload_to: str | None
     publish_retries: int
     publish_retry_delay: float
+    publish_command: str
 
     def limits(self) -> Limits:
         return Limits(
@@ -198,6 +202,11 @@ def _read() -> WsSettings:
     if derived:
         secret = hashlib.sha256(b"django_ws.ticket:" + str(settings.SECRET_KEY).encode()).hexdigest()
     offload_to = s["OFFLOAD_TO"] or os.environ.get("DJANGO_WS_OFFLOAD_TO") or None
+    publish_command = s["PUBLISH_COMMAND"] or os.environ.get("DJANGO_WS_PUBLISH_COMMAND") or "PUBLISH"
+    if publish_command not in ("PUBLISH", "SPUBLISH"):
+        raise ImproperlyConfigured(
+            f"DJANGO_WS['PUBLISH_COMMAND'] must be 'PUBLISH' or 'SPUBLISH', not {publish_command!r}"
+        )
 
     return WsSettings(
         url=url,
@@ -222,6 +231,7 @@ def _read() -> WsSettings:
         offload_to=offload_to,
         publish_retries=_int(s, "PUBLISH_RETRIES", 0),
         publish_retry_delay=_positive(s, "PUBLISH_RETRY_DELAY"),
+        publish_command=publish_command,
     )
 
 

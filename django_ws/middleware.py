@@ -181,7 +181,7 @@ class WebSocketMiddleware:
         from .publishing import get_redis
 
         try:
-            published = Store(get_redis()).publish(
+            published = Store(get_redis(), publish_command=conf.publish_command).publish(
                 channels, kind_, payload, history_size=conf.history_size, history_ttl=conf.history_ttl
             )
         except PublishError as exc:

@@ -122,7 +122,7 @@ def publish(
     if _interceptors:
         call = PublishCall(facility, message, broadcast, user_names, group_names, session_keys, history, channels)
         return _interceptors[-1](call)
-    store = Store(get_redis())
+    store = Store(get_redis(), publish_command=conf.publish_command)
     delay = conf.publish_retry_delay
     for attempt in range(conf.publish_retries + 1):
         try:

@@ -185,3 +185,26 @@ def test_front_reaches_the_websocket_instance_over_a_unix_socket(project, tmp_pa
     finally:
         for proc in stack.procs:
             stop(proc)
+
+
+def test_sharded_pubsub_end_to_end(project, tmp_path, facility, monkeypatch):
+    """PUBLISH_COMMAND = SPUBLISH on both sides: sharded pub/sub (Redis 7), as a Cluster needs."""
+    import django_ws.conf
+    from django_ws.publishing import get_redis
+    from tests.conftest import WS, start_stack, stop
+
+    stack = start_stack("offload", project, tmp_path, DJANGO_WS_PUBLISH_COMMAND="SPUBLISH")
+    monkeypatch.setenv("DJANGO_WS_PUBLISH_COMMAND", "SPUBLISH")
+    monkeypatch.setattr(django_ws.conf, "_cached", None)  # re-read; the old settings come back after
+    try:
+        ws = WS(stack.url(f"/ws/{facility}?subscribe-broadcast"))
+        ws.ready()
+        sharded = [c.decode() for c in get_redis().execute_command("PUBSUB", "SHARDCHANNELS")]
+        plain = [c.decode() for c in get_redis().execute_command("PUBSUB", "CHANNELS")]
+        assert [c for c in sharded if facility in c] and not [c for c in plain if facility in c]
+        django_ws.publish(facility, "over sharded pub/sub", broadcast=True)
+        assert ws.next()["data"] == "over sharded pub/sub"
+        ws.close()
+    finally:
+        for proc in stack.procs:
+            stop(proc)

@@ -36,6 +36,7 @@ def rf(project):
         ({"CLIENT_PUBLISH": ("everyone",)}, "CLIENT_PUBLISH"),
         ({"RATE_LIMIT": 10}, "RATE_LIMIT"),
         ({"AUTHORIZE": "no.such.hook"}, "AUTHORIZE"),
+        ({"PUBLISH_COMMAND": "XPUBLISH"}, "PUBLISH_COMMAND"),
         ({"HISTROY_SIZE": 3}, "unknown DJANGO_WS setting"),
     ],
 )
