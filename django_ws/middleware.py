@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -56,6 +57,9 @@ OFFLOAD_VAR = "DJANGO_WS_OFFLOAD"
 # into memory owned by the route, shared by the threads that run it at once.
 SLOT_VAR = "DJANGO_WS_SLOT"
 _slots = itertools.count(1)
+# The id of the event stream that POSTs (its "ready" event's sender): the stream then
+# does not get its own messages back, as a websocket without ``echo`` does not.
+_SENDER_RE = re.compile(r"[0-9a-f]{1,64}")
 _thread = threading.local()
 
 
@@ -160,6 +164,9 @@ class WebSocketMiddleware:
         validate_facility(facility)
         if conf.facilities is not None and facility not in conf.facilities:
             raise BadRequest(f"unknown facility {facility!r}", status=404)
+        sender = request.META.get("HTTP_X_DJANGOWS_SENDER", "")
+        if sender and not _SENDER_RE.fullmatch(sender):
+            raise BadRequest("X-DjangoWs-Sender must be the sender id of a ready event")
         asked = parse_query(request.META.get("QUERY_STRING", ""))
         if not asked.publish:
             raise BadRequest("say where to publish: publish-broadcast, publish-user, publish-group or publish-session")
@@ -182,7 +189,12 @@ class WebSocketMiddleware:
 
         try:
             published = Store(get_redis(), publish_command=conf.publish_command).publish(
-                channels, kind_, payload, history_size=conf.history_size, history_ttl=conf.history_ttl
+                channels,
+                kind_,
+                payload,
+                sender=sender.encode("ascii"),
+                history_size=conf.history_size,
+                history_ttl=conf.history_ttl,
             )
         except PublishError as exc:
             logger.error("publish from %s failed: %s", _identity(request), exc)

@@ -159,9 +159,20 @@ def test_cross_origin_event_stream_is_refused(stack, stream):
     assert stream("subscribe-broadcast", origin="http://evil.example").response.status == 403
 
 
-def _post(stack, path: str, body: bytes, *, session: str, content_type: str = "text/plain", csrf: bool = True):
+def _post(
+    stack,
+    path: str,
+    body: bytes,
+    *,
+    session: str,
+    content_type: str = "text/plain",
+    csrf: bool = True,
+    sender: str | None = None,
+):
     token = "b" * 32
     headers = {"Content-Type": content_type, "Cookie": f"sessionid={session}; csrftoken={token}"}
+    if sender is not None:
+        headers["X-DjangoWs-Sender"] = sender
     if csrf:
         headers["X-CSRFToken"] = token
     conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=10)
@@ -170,6 +181,29 @@ def _post(stack, path: str, body: bytes, *, session: str, content_type: str = "t
     data = response.read()
     conn.close()
     return response.status, data
+
+
+def _ready(es: EventStream) -> dict:
+    while True:
+        event, data = es.next()
+        if event == "ready":
+            return data
+
+
+def test_a_stream_does_not_get_its_own_posts_back_unless_echo(stack, project, stream, facility):
+    me, other = stream("subscribe-broadcast"), stream("subscribe-broadcast")
+    echoing = stream("subscribe-broadcast&echo")
+    mine, echo_id = _ready(me)["sender"], _ready(echoing)["sender"]
+    _ready(other)
+    alice = project.cookie("alice")
+    path = f"/ws/{facility}?publish-broadcast"
+    assert _post(stack, path, b"from me", session=alice, sender=mine)[0] == 200
+    assert _post(stack, path, b"from echo", session=alice, sender=echo_id)[0] == 200
+    assert _post(stack, path, b"anonymous", session=alice)[0] == 200
+    assert [other.next()[1]["data"] for _ in range(3)] == ["from me", "from echo", "anonymous"]
+    assert [echoing.next()[1]["data"] for _ in range(3)] == ["from me", "from echo", "anonymous"]
+    assert me.next()[1]["data"] == "from echo"  # "from me" was not sent back
+    assert _post(stack, path, b"x", session=alice, sender="not-hex!")[0] == 400
 
 
 def test_post_publishes_with_the_same_rights(stack, project, stream, facility):

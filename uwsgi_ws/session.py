@@ -122,7 +122,14 @@ class Session:
                     return
             self._synchronise(channels, first=True)
             # The heartbeat interval lets clients notice a dead connection in time.
-            self.transport.send(self._control("ready", {"type": "ready", "heartbeat": self.ticket.limits.heartbeat}))
+            self.transport.send(
+                self._control(
+                    "ready",
+                    # sender: this connection's id; event-stream clients mark their POSTs
+                    # with it, so that they are not echoed back (unless ``echo``)
+                    {"type": "ready", "heartbeat": self.ticket.limits.heartbeat, "sender": self.id.decode("ascii")},
+                )
+            )
             self._loop()
         except Exception:
             logger.exception("websocket session of %s failed", self.ticket.identity)

@@ -73,7 +73,7 @@ test("send() POSTs in order to the URL, with the CSRF token and the right conten
   const conn = connect(TARGET, env.options);
   assert.equal(conn.send("queued before ready"), true);
   const es = env.EventSource.last;
-  greet(es, [{ channel: "broadcast", offset: 2, epoch: "b" }]);
+  greet(es, [{ channel: "broadcast", offset: 2, epoch: "b" }], { sender: "0a1b2c" });
   conn.send({ n: 1 });
   conn.send(new Uint8Array([1, 2, 3]));
   await settle();
@@ -86,6 +86,8 @@ test("send() POSTs in order to the URL, with the CSRF token and the right conten
     assert.equal(call.headers["X-CSRFToken"], "tok+en");
     assert.equal(call.credentials, "same-origin");
   }
+  // The stream's id from its "ready" event: the server then does not echo the message back.
+  assert.deepEqual(calls.map((c) => c.headers["X-DjangoWs-Sender"]), ["0a1b2c", "0a1b2c", "0a1b2c"]);
   assert.equal(calls[0].headers["Content-Type"], "text/plain; charset=utf-8");
   assert.equal(calls[2].headers["Content-Type"], "application/octet-stream");
   conn.close();

@@ -365,6 +365,7 @@
     this._postUrl = withRecover(url, null);
     this._posting = Promise.resolve();
     this._closeFrame = null;
+    this._sender = null; // the stream's id (its "ready" frame): POSTs carry it, so no echo
     this._es = new env.EventSource(url, { withCredentials: !!env.withCredentials });
     this._es.onopen = function () {
       if (self.readyState !== 0) return;
@@ -398,6 +399,7 @@
       if (this.onmessage) this.onmessage({ type: "message", data: data, error: error });
       return;
     }
+    if (frame.type === "ready" && typeof frame.sender === "string") this._sender = frame.sender;
     if (this.onmessage) this.onmessage({ type: "message", data: data, frame: frame });
   };
 
@@ -433,6 +435,7 @@
     var headers = { "Content-Type": binary ? "application/octet-stream" : "text/plain; charset=utf-8" };
     var token = this._csrfToken();
     if (token) headers["X-CSRFToken"] = token;
+    if (this._sender) headers["X-DjangoWs-Sender"] = this._sender;
     var failed = function (status, message) {
       if (self.onsendfailed) self.onsendfailed({ status: status, message: message });
     };
