@@ -62,7 +62,8 @@ DEFAULTS: dict[str, Any] = {
     "PUBLISH_RETRY_DELAY": 0.1,
     # Seconds a hand-over ticket stays valid.
     "TICKET_TTL": 15,
-    # uWSGI socket of the websocket instance ("127.0.0.1:8001" or a unix path).
+    # uWSGI socket of the websocket instance ("127.0.0.1:8001" or a unix path), or a
+    # list of them (or a comma-separated string): hand-overs then go to each in turn.
     # Default: $DJANGO_WS_OFFLOAD_TO. None: no offloading (single-instance mode).
     "OFFLOAD_TO": None,
     # "PUBLISH", or "SPUBLISH" (sharded pub/sub, Redis 7): must match the websocket
@@ -96,7 +97,7 @@ class WsSettings:
     ticket_secret: bytes
     ticket_secret_derived: bool
     ticket_ttl: float
-    offload_to: str | None
+    offload_to: tuple[str, ...]  # empty: no offloading
     publish_retries: int
     publish_retry_delay: float
     publish_command: str
@@ -201,7 +202,7 @@ def _read() -> WsSettings:
     derived = not secret
     if derived:
         secret = hashlib.sha256(b"django_ws.ticket:" + str(settings.SECRET_KEY).encode()).hexdigest()
-    offload_to = s["OFFLOAD_TO"] or os.environ.get("DJANGO_WS_OFFLOAD_TO") or None
+    offload_to = _addresses(s["OFFLOAD_TO"] or os.environ.get("DJANGO_WS_OFFLOAD_TO") or ())
     publish_command = s["PUBLISH_COMMAND"] or os.environ.get("DJANGO_WS_PUBLISH_COMMAND") or "PUBLISH"
     if publish_command not in ("PUBLISH", "SPUBLISH"):
         raise ImproperlyConfigured(
@@ -233,6 +234,20 @@ def _read() -> WsSettings:
         publish_retry_delay=_positive(s, "PUBLISH_RETRY_DELAY"),
         publish_command=publish_command,
     )
+
+
+def _addresses(value: Any) -> tuple[str, ...]:
+    """OFFLOAD_TO as a tuple of socket addresses, from a string (comma-separated) or a list."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(a, str) for a in items):
+        raise ImproperlyConfigured(f"DJANGO_WS['OFFLOAD_TO'] must be a socket address or a list of them, not {value!r}")
+    addresses = tuple(a.strip() for a in items)
+    for address in addresses:
+        if not address or any(c.isspace() for c in address) or not (address.startswith("/") or ":" in address):
+            raise ImproperlyConfigured(
+                f"DJANGO_WS['OFFLOAD_TO']: {address!r} is not a uWSGI socket address (host:port or /unix/path)"
+            )
+    return addresses
 
 
 def _number(value: Any) -> bool:

@@ -22,7 +22,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from urllib.parse import urlsplit
 
@@ -70,6 +70,8 @@ def thread_slot() -> str:
     except AttributeError:
         _thread.slot = str(next(_slots))  # itertools.count is atomic under the GIL
         return _thread.slot  # type: ignore[no-any-return]
+
+
 # Set in the WSGI environ by servers that run websockets in-process.
 SERVER_KEY = "django_ws.server"
 
@@ -210,6 +212,7 @@ class WebSocketMiddleware:
             request.META[TICKET_VAR] = token
             return _plain(202, "handed over to the websocket server")
         if conf.offload_to:
+            address = _next_address(conf.offload_to)
             try:
                 import uwsgi
             except ImportError:
@@ -217,7 +220,7 @@ class WebSocketMiddleware:
             if uwsgi is not None:
                 uwsgi.add_var(TICKET_VAR, token)
                 uwsgi.add_var(SLOT_VAR, thread_slot())
-                uwsgi.add_var(OFFLOAD_VAR, conf.offload_to)
+                uwsgi.add_var(OFFLOAD_VAR, address)
                 # The response routes of uwsgi.ini.example replace this response; a client
                 # only sees it if they are missing. Not a 5xx: Django would log every one.
                 return _plain(202, "websocket offloading is not configured on this server")
@@ -227,6 +230,19 @@ class WebSocketMiddleware:
             request.path_info,
         )
         return _plain(503, "websockets are not available on this server")
+
+
+_turns: dict[tuple[str, ...], Iterator[str]] = {}
+
+
+def _next_address(addresses: tuple[str, ...]) -> str:
+    """The websocket instance for this hand-over: each of ``addresses`` in turn."""
+    if len(addresses) == 1:
+        return addresses[0]
+    turn = _turns.get(addresses)
+    if turn is None:
+        turn = _turns.setdefault(addresses, itertools.cycle(addresses))
+    return next(turn)  # itertools.cycle is atomic under the GIL
 
 
 def check_origin(request: HttpRequest, conf: WsSettings) -> None:

@@ -208,3 +208,46 @@ def test_sharded_pubsub_end_to_end(project, tmp_path, facility, monkeypatch):
     finally:
         for proc in stack.procs:
             stop(proc)
+
+
+def test_one_front_spreads_hand_overs_over_two_websocket_instances(project, tmp_path, facility):
+    """OFFLOAD_TO with two addresses: hand-overs take turns; a publish reaches both instances' clients."""
+    from tests.conftest import WS, start_stack, stop, unix_socket_open, wait_for
+
+    first, second = tmp_path / "ws1.sock", tmp_path / "ws2.sock"
+    # The second websocket instance, as the ini's [websocket] section runs it.
+    env = {**os.environ, **project.env, "DJANGO_WS_OFFLOAD_TO": str(second), "DJANGO_WS_ASYNC": "100"}
+    log = (tmp_path / "second.log").open("wb")
+    other = subprocess.Popen(
+        [str(UWSGI), "--ini", "uwsgi.ini.example:websocket"],
+        cwd=str(UWSGI.parent.parent.parent),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    stack = None
+    try:
+        wait_for(lambda: unix_socket_open(str(second)), what="second websocket instance", timeout=30)
+        stack = start_stack(
+            "offload", project, tmp_path, DJANGO_WS_OFFLOAD_TO=str(first), EXAMPLE_OFFLOAD_TO=f"{first},{second}"
+        )
+        clients = [WS(stack.url(f"/ws/{facility}?subscribe-broadcast")) for _ in range(6)]
+        for ws in clients:
+            ws.ready()
+        django_ws.publish(facility, "to both instances", broadcast=True)
+        assert [ws.next()["data"] for ws in clients] == ["to both instances"] * 6
+        for ws in clients:
+            ws.close()
+
+        # uWSGI logs a request when it ends: every other hand-over went to the second instance.
+        def served_by_second() -> int:
+            return (tmp_path / "second.log").read_text().count(f"GET /ws/{facility}")
+
+        wait_for(lambda: served_by_second() >= 3, what="the second instance's request log", timeout=15)
+        assert served_by_second() == 3
+    finally:
+        if stack is not None:
+            for proc in stack.procs:
+                stop(proc)
+        stop(other)
+        log.close()

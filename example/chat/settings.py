@@ -75,6 +75,10 @@ DJANGO_WS = {
     "HISTORY_TTL": float(os.environ.get("DJANGO_WS_HISTORY_TTL", "900")),
     "HEARTBEAT": float(os.environ.get("DJANGO_WS_HEARTBEAT", "20")),
 }
+# More websocket instances than the one uwsgi.ini.example starts (comma-separated
+# addresses): hand-overs take turns. Default: $DJANGO_WS_OFFLOAD_TO, that one instance.
+if os.environ.get("EXAMPLE_OFFLOAD_TO"):
+    DJANGO_WS["OFFLOAD_TO"] = os.environ["EXAMPLE_OFFLOAD_TO"]
 
 LOGGING = {
     "version": 1,

@@ -182,3 +182,43 @@ def test_thread_slots_number_the_threads_of_a_process():
     for t in threads:
         t.join()
     assert len(set(seen + [mine])) == 5 and all(s.isdigit() and int(s) >= 1 for s in seen)
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ("127.0.0.1:8001", ("127.0.0.1:8001",)),
+        ("/run/a.sock, 10.0.0.2:8001", ("/run/a.sock", "10.0.0.2:8001")),
+        (["/run/a.sock", "/run/b.sock"], ("/run/a.sock", "/run/b.sock")),
+    ],
+)
+def test_offload_to_takes_one_address_or_several(project, value, expected, monkeypatch):
+    monkeypatch.setenv("DJANGO_WS_SECRET", "s" * 32)
+    with override_settings(DJANGO_WS={"OFFLOAD_TO": value}):
+        assert get_settings().offload_to == expected
+
+
+@pytest.mark.parametrize("value", ["", "a b:1", "nohost", ["/a.sock", 3], "/a.sock,,/b.sock"])
+def test_bad_offload_addresses_are_named(project, value):
+    with override_settings(DJANGO_WS={"OFFLOAD_TO": value or " "}):
+        with pytest.raises(ImproperlyConfigured, match="OFFLOAD_TO"):
+            get_settings()
+
+
+def test_hand_overs_take_turns_over_the_websocket_instances(project, rf, monkeypatch):
+    import sys
+    import types
+
+    added: list[tuple[str, str]] = []
+    fake = types.ModuleType("uwsgi")
+    fake.add_var = lambda name, value: added.append((name, value))  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "uwsgi", fake)
+    monkeypatch.setenv("DJANGO_WS_SECRET", "s" * 32)
+    with override_settings(DJANGO_WS={"OFFLOAD_TO": ["/run/a.sock", "/run/b.sock", "/run/c.sock"]}):
+        middleware = WebSocketMiddleware(lambda request: None)
+        for _ in range(6):
+            response = middleware(rf.get("/ws/chat?subscribe-broadcast", **HANDSHAKE))
+            assert response.status_code == 202
+    chosen = [value for name, value in added if name == "DJANGO_WS_OFFLOAD"]
+    assert chosen[:3] != chosen[:1] * 3 and sorted(chosen) == sorted(["/run/a.sock", "/run/b.sock", "/run/c.sock"] * 2)
+    assert chosen[:3] == chosen[3:]  # in turn
