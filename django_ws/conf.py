@@ -208,6 +208,10 @@ def _read() -> WsSettings:
         raise ImproperlyConfigured(
             f"DJANGO_WS['PUBLISH_COMMAND'] must be 'PUBLISH' or 'SPUBLISH', not {publish_command!r}"
         )
+    if publish_command == "SPUBLISH" and redis_url.startswith("redis+cluster://"):
+        raise ImproperlyConfigured(
+            "DJANGO_WS['PUBLISH_COMMAND'] = 'SPUBLISH' with a Redis Cluster is not supported yet: use 'PUBLISH'"
+        )
 
     return WsSettings(
         url=url,

@@ -49,6 +49,11 @@ class Config:
             raise ConfigurationError(f"pool_size must be at least 1, not {self.pool_size}")
         if self.publish_command not in ("PUBLISH", "SPUBLISH"):
             raise ConfigurationError(f"publish_command must be PUBLISH or SPUBLISH, not {self.publish_command!r}")
+        if self.publish_command == "SPUBLISH" and self.redis_url.startswith("redis+cluster://"):
+            raise ConfigurationError(
+                "SPUBLISH with a Redis Cluster is not supported yet (the Hub would need a connection per "
+                "shard): use PUBLISH, which a Cluster forwards to every node"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:

@@ -1,13 +1,19 @@
-"""Redis connections from one URL, for a single server or a Sentinel-managed primary.
+"""Redis connections from one URL: a single server, a Sentinel-managed primary, or a Cluster.
 
 ``redis://``, ``rediss://`` and ``unix://`` URLs name one server. A Sentinel setup is
-named with every Sentinel and the service::
+named with every Sentinel and the service, a Cluster with some of its nodes::
 
     redis+sentinel://[:password@]host1:26379,host2:26379/<service>[/<db>]
+    redis+cluster://[:password@]host1:7000,host2:7000
 
 so the same string configures Django (``DJANGO_WS["REDIS_URL"]``) and the websocket
 instance (``DJANGO_WS_REDIS_URL``). After a failover, new connections go to the new
 primary: the Hub reconnects and re-subscribes, publishers retry on their next call.
+
+In a Cluster every key of a channel shares its hash tag, so each publish and history
+read is one script on one node. Messages go out with ``PUBLISH``, which a Cluster
+forwards to every node: the Hub's one subscriber connection may sit on any node (it
+moves to the next node given in the URL when its node fails).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from redis.connection import Connection
 from .exceptions import ConfigurationError
 
 SENTINEL_SCHEME = "redis+sentinel"
-SCHEMES = ("redis", "rediss", "unix", SENTINEL_SCHEME)
+CLUSTER_SCHEME = "redis+cluster"
+SCHEMES = ("redis", "rediss", "unix", SENTINEL_SCHEME, CLUSTER_SCHEME)
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,41 @@ class SentinelTarget:
     password: str | None = None
 
 
+@dataclass(frozen=True)
+class ClusterTarget:
+    """The parts of a ``redis+cluster://`` URL."""
+
+    nodes: tuple[tuple[str, int], ...]
+    password: str | None = None
+
+
+def _hosts(url: str, netloc: str, example: str) -> tuple[tuple[tuple[str, int], ...], str | None]:
+    password = None
+    if "@" in netloc:
+        auth, netloc = netloc.rsplit("@", 1)
+        password = unquote(auth.split(":", 1)[-1]) or None
+    hosts = []
+    for item in netloc.split(","):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigurationError(f"bad address {item!r} in {url!r}: use {example}")
+        hosts.append((host.strip("[]"), int(port)))
+    return tuple(hosts), password
+
+
+def parse_cluster_url(url: str) -> ClusterTarget:
+    """Split a ``redis+cluster://`` URL.
+
+    Raises:
+        ConfigurationError: no node, a bad address, or a database other than 0.
+    """
+    parts = urlsplit(url)
+    nodes, password = _hosts(url, parts.netloc, "redis+cluster://host:port,host:port")
+    if parts.path.strip("/") not in ("", "0"):
+        raise ConfigurationError(f"a Redis Cluster has only database 0: {url!r}")
+    return ClusterTarget(nodes, password)
+
+
 def parse_sentinel_url(url: str) -> SentinelTarget:
     """Split a ``redis+sentinel://`` URL.
 
@@ -43,33 +85,29 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
         ConfigurationError: the URL does not name at least one Sentinel and a service.
     """
     parts = urlsplit(url)
-    netloc = parts.netloc
-    password = None
-    if "@" in netloc:
-        auth, netloc = netloc.rsplit("@", 1)
-        password = unquote(auth.split(":", 1)[-1]) or None
-    sentinels = []
-    for item in netloc.split(","):
-        host, _, port = item.rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigurationError(
-                f"bad Sentinel address {item!r} in {url!r}: use redis+sentinel://host:port,host:port/service/db"
-            )
-        sentinels.append((host.strip("[]"), int(port)))
+    sentinels, password = _hosts(url, parts.netloc, "redis+sentinel://host:port,host:port/service/db")
     path = [p for p in parts.path.split("/") if p]
     if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
         raise ConfigurationError(f"name the Sentinel service (and optionally the db) in {url!r}: .../mymaster/0")
-    return SentinelTarget(tuple(sentinels), path[0], int(path[1]) if len(path) == 2 else 0, password)
+    return SentinelTarget(sentinels, path[0], int(path[1]) if len(path) == 2 else 0, password)
 
 
 def check_url(url: str) -> str:
     """Return ``url`` if it is a Redis URL this package understands, else raise ConfigurationError."""
     scheme = url.split("://", 1)[0] if "://" in url else ""
     if scheme not in SCHEMES:
-        raise ConfigurationError(f"a Redis URL starts with redis://, rediss://, unix:// or redis+sentinel://: {url!r}")
+        raise ConfigurationError(
+            f"a Redis URL starts with redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://: {url!r}"
+        )
     if scheme == SENTINEL_SCHEME:
         parse_sentinel_url(url)
+    if scheme == CLUSTER_SCHEME:
+        parse_cluster_url(url)
     return url
+
+
+def is_cluster(url: str) -> bool:
+    return url.startswith(CLUSTER_SCHEME + "://")
 
 
 def _sentinel(target: SentinelTarget, socket_timeout: float | None) -> Any:
@@ -90,6 +128,17 @@ def make_client(
     ``max_connections`` bounds its pool: callers wait up to ``wait`` seconds for a
     free connection (with Sentinel, the bound is enforced by refusing, not waiting).
     """
+    if is_cluster(url):
+        from redis.cluster import ClusterNode, RedisCluster
+
+        cluster = parse_cluster_url(url)
+        if max_connections is not None:
+            options["max_connections"] = max_connections  # per node
+        return RedisCluster(  # type: ignore[return-value]
+            startup_nodes=[ClusterNode(host, port) for host, port in cluster.nodes],
+            password=cluster.password,
+            **options,
+        )
     if url.startswith(SENTINEL_SCHEME + "://"):
         target = parse_sentinel_url(url)
         if max_connections is not None:
@@ -106,8 +155,20 @@ def make_client(
 def subscriber_factory(url: str, **options: Any) -> Callable[[], Connection]:
     """Return a function that makes a new, unconnected connection for a subscriber.
 
-    With Sentinel, each new connection asks the Sentinels for the current primary.
+    With Sentinel, each new connection asks the Sentinels for the current primary;
+    with a Cluster, each new connection goes to the next node of the URL.
     """
+    if is_cluster(url):
+        import itertools
+
+        cluster = parse_cluster_url(url)
+        turns = itertools.cycle(cluster.nodes)
+
+        def next_node() -> Connection:
+            host, port = next(turns)
+            return Connection(host=host, port=port, password=cluster.password, **options)
+
+        return next_node
     if url.startswith(SENTINEL_SCHEME + "://"):
         from redis.sentinel import SentinelConnectionPool
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from .exceptions import PublishError
 from .protocol import Envelope, Position, decode_envelope, log_key, meta_key
@@ -90,7 +90,12 @@ class ChannelState:
 
 
 class _Script:
-    """A Lua script run with EVALSHA, loaded on the first NOSCRIPT answer."""
+    """A Lua script run with EVALSHA; where a server answers NOSCRIPT, with EVAL.
+
+    EVAL also caches the script on the server that runs it, so each server (each
+    master of a Cluster) gets the source once. Only the calls that got NOSCRIPT run
+    again: the others did run, and publishing twice would duplicate messages.
+    """
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -100,20 +105,25 @@ class _Script:
         """Run the script once per (keys, args), in one round trip when it is loaded."""
         if not calls:
             return []
-        results = self._pipeline(client, calls)
-        if any(isinstance(r, NoScriptError) for r in results):
-            client.script_load(self.source)
-            results = self._pipeline(client, calls)
+        results = self._pipeline(client, calls, "EVALSHA", self.sha)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            again = self._pipeline(client, [calls[i] for i in missing], "EVAL", self.source)
+            for i, r in zip(missing, again, strict=True):
+                results[i] = r
         for r in results:
             if isinstance(r, Exception):
                 raise r
         return results
 
-    def _pipeline(self, client: redis.Redis, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+    @staticmethod
+    def _pipeline(
+        client: redis.Redis, calls: Sequence[tuple[Sequence[str], Sequence[Any]]], command: str, script: str
+    ) -> list[Any]:
         pipe = client.pipeline(transaction=False)
         for keys, args in calls:
-            pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
-        return pipe.execute(raise_on_error=False)
+            pipe.execute_command(command, script, len(keys), *keys, *args)
+        return list(pipe.execute(raise_on_error=False))
 
 
 _PUBLISH = _Script(PUBLISH_LUA)
@@ -158,7 +168,7 @@ class Store:
         ]
         try:
             results = _PUBLISH.run_many(self.client, calls)
-        except RedisError as exc:
+        except (RedisError, RedisClusterException) as exc:  # the latter: a Cluster without a node
             raise PublishError(
                 f"could not publish to {len(channels)} channel(s): Redis error {type(exc).__name__}: {exc}"
             ) from exc

@@ -1,0 +1,187 @@
+"""Redis Cluster: three real masters on loopback, the whole stack on a redis+cluster:// URL."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+import django_ws
+from tests.conftest import WS, free_port, start_redis, start_stack, stop, wait_for
+from uwsgi_ws.config import Config
+from uwsgi_ws.exceptions import ConfigurationError
+from uwsgi_ws.redis_url import check_url, parse_cluster_url
+
+pytestmark = pytest.mark.timeout(120)
+
+REDIS_CLI = "/usr/bin/redis-cli"
+
+
+def test_cluster_urls():
+    target = parse_cluster_url("redis+cluster://:s%40cret@10.0.0.1:7000,[::1]:7001")
+    assert target.nodes == (("10.0.0.1", 7000), ("::1", 7001)) and target.password == "s@cret"
+    assert parse_cluster_url("redis+cluster://h:7000/0").nodes == (("h", 7000),)
+    for bad in ("redis+cluster://h", "redis+cluster://h:7000/3", "redis+cluster://:7000"):
+        with pytest.raises(ConfigurationError):
+            check_url(bad)
+    with pytest.raises(ConfigurationError, match="SPUBLISH"):
+        Config(secret=b"s", redis_url="redis+cluster://h:7000", publish_command="SPUBLISH")
+
+
+def next_message(ws: WS) -> dict:
+    while True:
+        frame = ws.next()
+        if frame["type"] == "message":
+            return frame
+        assert frame["type"] == "subscribed" and frame["recovered"] is True, frame
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free and valid too."""
+    import socket
+
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class Cluster:
+    def __init__(self, tmp: Path, masters: int = 3) -> None:
+        self.nodes = []
+        for i in range(masters):
+            d = tmp / f"node{i}"
+            d.mkdir()
+            self.nodes.append(
+                start_redis(
+                    d,
+                    cluster_port(),
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    str(d / "nodes.conf"),
+                    "--cluster-require-full-coverage",
+                    "no",
+                )
+            )
+        addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        subprocess.run(
+            [REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        for node in self.nodes:
+            wait_for(lambda n=node: "cluster_state:ok" in self.cli(n.port, "CLUSTER", "INFO"), what="cluster state ok")
+        self.url = "redis+cluster://" + ",".join(addresses)
+
+    @staticmethod
+    def cli(port: int, *args: str) -> str:
+        return subprocess.run([REDIS_CLI, "-p", str(port), *args], capture_output=True, text=True, timeout=10).stdout
+
+    def owner(self, key: str) -> int:
+        """The port of the master that holds ``key``'s slot."""
+        slot = int(self.cli(self.nodes[0].port, "CLUSTER", "KEYSLOT", key))
+        for line in self.cli(self.nodes[0].port, "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            for part in fields[8:]:
+                low, _, high = part.partition("-")
+                if low.isdigit() and int(low) <= slot <= int(high or low):
+                    return int(fields[1].split("@")[0].rsplit(":", 1)[1])
+        raise LookupError(key)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            stop(node.proc, signal.SIGTERM)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def on_cluster(cluster, project, tmp_path, monkeypatch):
+    """An offload stack, and this process's publish(), on the cluster."""
+    import django_ws.conf
+
+    monkeypatch.setenv("DJANGO_WS_REDIS_URL", cluster.url)
+    monkeypatch.setattr(django_ws.conf, "_cached", None)  # re-read; the old settings come back after
+    stack = start_stack("offload", project, tmp_path, DJANGO_WS_REDIS_URL=cluster.url)
+    yield stack
+    for proc in stack.procs:
+        stop(proc)
+
+
+def test_every_audience_history_and_recovery_on_a_cluster(cluster, on_cluster, project, facility):
+    stack = on_cluster
+    alice = project.cookie("alice")
+    ws = WS(stack.url(f"/ws/{facility}?subscribe-broadcast&subscribe-user&subscribe-group"), session=alice)
+    ws.ready()
+    # The channels' slots are spread over the masters, and one subscriber connection hears them all.
+    django_ws.publish(facility, "to all", broadcast=True)
+    django_ws.publish(facility, "to alice", users=["alice"])
+    django_ws.publish(facility, "to red", groups=["red"])
+    got = [ws.next() for _ in range(3)]
+    assert [(m["channel"], m["data"]) for m in got] == [
+        ("broadcast", "to all"),
+        ("user", "to alice"),
+        ("group:red", "to red"),
+    ]
+    positions = {m["channel"]: [m["offset"], m["epoch"]] for m in got}
+    ws.close()
+
+    # Missed while away: recovered from the history each channel keeps on its own master.
+    django_ws.publish(facility, "missed 1", broadcast=True)
+    django_ws.publish(facility, "missed 2", users=["alice"])
+    recover = "recover=" + urllib.parse.quote(json.dumps(positions))
+    again = WS(stack.url(f"/ws/{facility}?subscribe-broadcast&subscribe-user&subscribe-group&{recover}"), session=alice)
+    frames = again.ready()
+    replayed = [(f["channel"], f["data"]) for f in frames if f["type"] == "message"]
+    assert sorted(replayed) == [("broadcast", "missed 1"), ("user", "missed 2")]
+    assert all(f["recovered"] is True for f in frames if f["type"] == "subscribed")
+    again.close()
+
+
+def test_the_hub_moves_to_another_master_when_its_own_fails(cluster, on_cluster, facility):
+    from django_ws.conf import get_settings
+    from uwsgi_ws.protocol import Audience, Kind, channel_name
+
+    stack = on_cluster
+    first = WS(stack.url(f"/ws/{facility}?subscribe-broadcast"))
+    first.ready()  # the worker's Hub is connected now
+    # The master holding the Hub's subscriber connection (client name django_ws:hub:<pid>).
+    hub_node = next(n for n in cluster.nodes if "django_ws:hub:" in cluster.cli(n.port, "CLIENT", "LIST"))
+    # A facility whose channel lives on another master, which stays up.
+    name = next(
+        f"{facility}{i}"
+        for i in range(100)
+        if cluster.owner(channel_name(get_settings().prefix, f"{facility}{i}", Audience(Kind.BROADCAST)))
+        != hub_node.port
+    )
+    ws = WS(stack.url(f"/ws/{name}?subscribe-broadcast"))
+    ws.ready()
+    stop(hub_node.proc, signal.SIGKILL)  # a node this test started
+    django_ws.publish(name, "after the node died", broadcast=True)
+    # Live if the Hub was back in time, else replayed from history when it re-subscribed
+    # (then a "subscribed" frame with recovered: true follows).
+    assert next_message(ws)["data"] == "after the node died"
+    survivors = [n for n in cluster.nodes if n is not hub_node]
+    wait_for(lambda: any("django_ws:hub:" in cluster.cli(n.port, "CLIENT", "LIST") for n in survivors), what="Hub")
+    django_ws.publish(name, "live again", broadcast=True)
+    assert next_message(ws)["data"] == "live again"
+    ws.close()
+    first.close()
