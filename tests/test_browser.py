@@ -105,31 +105,37 @@ def _websocket_instance(stack) -> list[int]:
     return [pid for pid in descendants(stack.procs[0].pid) if "ini.example:websocket" in cmdline(pid)]
 
 
+def _kill_instance_and_recover_the_gap(stack, page) -> list[str]:
+    """SIGKILL the websocket instance, publish 3 messages while the page is cut off, and
+    check that they arrive once, in order, when the respawned instance serves it again.
+    Returns the lines of the public pane."""
+    page.evaluate("""() => {
+        window.statusSeen = [];
+        window.chatConnection.on('status', (s) => window.statusSeen.push(s));
+    }""")
+    instance = _websocket_instance(stack)
+    for pid in instance:
+        os.kill(pid, signal.SIGKILL)  # processes of the stack this test started
+    page.wait_for_function("window.statusSeen.includes('reconnecting')", timeout=15000)
+    for i in range(3):
+        django_ws.publish("chat", {"from": "server", "text": f"gap {i}"}, broadcast=True)
+    # The front respawns the instance; the page reconnects and recovers the gap.
+    wait_for(lambda: set(_websocket_instance(stack)) - set(instance), what="respawned instance", timeout=30)
+    shows(page, "public", "gap 2", timeout=30000)
+    connected(page)
+    texts = lines(page, "public")
+    assert [t for t in texts if "gap" in t] == ["server: gap 0", "server: gap 1", "server: gap 2"], texts
+    return texts
+
+
 def test_restarting_the_websocket_instance_loses_nothing(browser, project, tmp_path):
     stack = start_stack("offload", project, tmp_path)
     try:
         base = stack.http("")
         page = logged_in(browser, base, "alice")
-        page.evaluate("""() => {
-            window.statusSeen = [];
-            window.chatConnection.on('status', (s) => window.statusSeen.push(s));
-        }""")
         django_ws.publish("chat", {"from": "server", "text": "before the restart"}, broadcast=True)
         shows(page, "public", "before the restart")
-
-        instance = _websocket_instance(stack)
-        for pid in instance:
-            os.kill(pid, signal.SIGKILL)  # processes of the stack this test started
-        page.wait_for_function("window.statusSeen.includes('reconnecting')", timeout=15000)
-        for i in range(3):
-            django_ws.publish("chat", {"from": "server", "text": f"gap {i}"}, broadcast=True)
-        # The front respawns the instance; the page reconnects and recovers the gap.
-        wait_for(lambda: set(_websocket_instance(stack)) - set(instance), what="respawned instance", timeout=30)
-        shows(page, "public", "gap 2", timeout=30000)
-        connected(page)
-        texts = lines(page, "public")
-        gap = [t for t in texts if "gap" in t]
-        assert gap == ["server: gap 0", "server: gap 1", "server: gap 2"], texts
+        texts = _kill_instance_and_recover_the_gap(stack, page)
         assert texts.count("server: before the restart") == 1
     finally:
         for proc in stack.procs:
@@ -228,23 +234,8 @@ def test_falls_back_to_event_streams_where_websockets_are_blocked(browser, proje
             log = (tmp_path / "access.log").read_text()
             assert re.search(r'"POST /ws/chat\?[^"]*publish-broadcast[^"]*" 200 ', log), log
 
-            # Recovery works the same: the websocket instance dies, messages published
-            # meanwhile arrive once, in order, when the stream is back.
-            bob.evaluate("""() => {
-                window.statusSeen = [];
-                window.chatConnection.on('status', (s) => window.statusSeen.push(s));
-            }""")
-            instance = _websocket_instance(stack)
-            for pid in instance:
-                os.kill(pid, signal.SIGKILL)  # processes of the stack this test started
-            bob.wait_for_function("window.statusSeen.includes('reconnecting')", timeout=15000)
-            for i in range(3):
-                django_ws.publish("chat", {"from": "server", "text": f"gap {i}"}, broadcast=True)
-            wait_for(lambda: set(_websocket_instance(stack)) - set(instance), what="respawned instance", timeout=30)
-            shows(bob, "public", "gap 2", timeout=30000)
-            connected(bob)
-            texts = lines(bob, "public")
-            assert [t for t in texts if "gap" in t] == ["server: gap 0", "server: gap 1", "server: gap 2"], texts
+            # Recovery works the same on an event stream.
+            _kill_instance_and_recover_the_gap(stack, bob)
             assert bob.evaluate("window.chatConnection.transport") == "sse"
             for page in (alice, bob):
                 page.context.close()

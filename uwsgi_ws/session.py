@@ -274,17 +274,16 @@ class Session:
     def deliver(self, channel: str, envelope: Envelope, frame: bytes) -> None:
         """Take one live message from the Hub (never blocks)."""
         if self._cooperative:  # the broadcast path: no context manager per listener
-            held = self._held.get(channel)
-            if held is not None:
-                held.append((envelope, frame))
-            else:
-                self._deliver(channel, envelope, frame)
-            return
-        with self._lock:
-            held = self._held.get(channel)
-            if held is not None:
-                held.append((envelope, frame))
-                return
+            self._deliver_or_hold(channel, envelope, frame)
+        else:
+            with self._lock:
+                self._deliver_or_hold(channel, envelope, frame)
+
+    def _deliver_or_hold(self, channel: str, envelope: Envelope, frame: bytes) -> None:
+        held = self._held.get(channel)
+        if held is not None:
+            held.append((envelope, frame))  # delivered after the history being replayed
+        else:
             self._deliver(channel, envelope, frame)
 
     def _deliver(self, channel: str, envelope: Envelope, frame: bytes) -> None:
