@@ -22,7 +22,7 @@ from django.utils.module_loading import import_string
 from uwsgi_ws.config import DEFAULT_REDIS_URL
 from uwsgi_ws.exceptions import ConfigurationError
 from uwsgi_ws.protocol import Limits, validate_prefix
-from uwsgi_ws.redis_url import check_url
+from uwsgi_ws.redis_url import check_publish_command, check_url
 
 DEFAULTS: dict[str, Any] = {
     # Where Redis is. Default: $DJANGO_WS_REDIS_URL, else the local server.
@@ -204,14 +204,10 @@ def _read() -> WsSettings:
         secret = hashlib.sha256(b"django_ws.ticket:" + str(settings.SECRET_KEY).encode()).hexdigest()
     offload_to = _addresses(s["OFFLOAD_TO"] or os.environ.get("DJANGO_WS_OFFLOAD_TO") or ())
     publish_command = s["PUBLISH_COMMAND"] or os.environ.get("DJANGO_WS_PUBLISH_COMMAND") or "PUBLISH"
-    if publish_command not in ("PUBLISH", "SPUBLISH"):
-        raise ImproperlyConfigured(
-            f"DJANGO_WS['PUBLISH_COMMAND'] must be 'PUBLISH' or 'SPUBLISH', not {publish_command!r}"
-        )
-    if publish_command == "SPUBLISH" and redis_url.startswith("redis+cluster://"):
-        raise ImproperlyConfigured(
-            "DJANGO_WS['PUBLISH_COMMAND'] = 'SPUBLISH' with a Redis Cluster is not supported yet: use 'PUBLISH'"
-        )
+    try:
+        check_publish_command(publish_command, redis_url)
+    except ConfigurationError as exc:
+        raise ImproperlyConfigured(f"DJANGO_WS['PUBLISH_COMMAND']: {exc}") from None
 
     return WsSettings(
         url=url,

@@ -57,10 +57,10 @@ OFFLOAD_VAR = "DJANGO_WS_OFFLOAD"
 # into memory owned by the route, shared by the threads that run it at once.
 SLOT_VAR = "DJANGO_WS_SLOT"
 _slots = itertools.count(1)
+_thread = threading.local()
 # The id of the event stream that POSTs (its "ready" event's sender): the stream then
 # does not get its own messages back, as a websocket without ``echo`` does not.
 _SENDER_RE = re.compile(r"[0-9a-f]{1,64}")
-_thread = threading.local()
 
 
 def thread_slot() -> str:

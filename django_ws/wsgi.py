@@ -14,7 +14,6 @@ websocket instance of the offload mode.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -39,12 +38,15 @@ class WebSocketWSGIHandler:
     def websocket_app(self) -> WebSocketApplication:
         if self._websocket_app is None:
             conf = get_settings()
-            # The secret and Redis come from Django's settings; the rest of the
-            # websocket side's tuning from the same DJANGO_WS_* variables as the
-            # websocket instance reads (DJANGO_WS_POOL_SIZE, ...).
-            tuning = Config.from_env({**os.environ, "DJANGO_WS_SECRET": "from Django's settings"})
-            config = dataclasses.replace(tuning, secret=conf.ticket_secret, redis_url=conf.redis_url)
-            self._websocket_app = WebSocketApplication(config)
+            # What Django decides (secret, Redis, publish command) from its settings; the
+            # rest from the DJANGO_WS_* variables the websocket instance reads too.
+            environ = {
+                **os.environ,
+                "DJANGO_WS_SECRET": conf.ticket_secret.decode("utf-8"),
+                "DJANGO_WS_REDIS_URL": conf.redis_url,
+                "DJANGO_WS_PUBLISH_COMMAND": conf.publish_command,
+            }
+            self._websocket_app = WebSocketApplication(Config.from_env(environ))
         return self._websocket_app
 
     def close(self) -> None:

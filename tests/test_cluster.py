@@ -126,8 +126,25 @@ def on_cluster(cluster, project, tmp_path, monkeypatch):
         stop(proc)
 
 
+def _channel(facility: str, audience) -> str:
+    from django_ws.conf import get_settings
+    from uwsgi_ws.protocol import channel_name
+
+    return channel_name(get_settings().prefix, facility, audience)
+
+
 def test_every_audience_history_and_recovery_on_a_cluster(cluster, on_cluster, project, facility):
+    from uwsgi_ws.protocol import Audience, Kind
+
     stack = on_cluster
+    # A facility whose channels sit on different masters: one subscriber connection
+    # (on one node) then hears messages published on other nodes.
+    audiences = (Audience(Kind.BROADCAST), Audience(Kind.USER, "alice"), Audience(Kind.GROUP, "red"))
+    facility = next(
+        name
+        for name in (f"{facility}{i}" for i in range(100))
+        if len({cluster.owner(_channel(name, a)) for a in audiences}) > 1
+    )
     alice = project.cookie("alice")
     ws = WS(stack.url(f"/ws/{facility}?subscribe-broadcast&subscribe-user&subscribe-group"), session=alice)
     ws.ready()
@@ -157,8 +174,7 @@ def test_every_audience_history_and_recovery_on_a_cluster(cluster, on_cluster, p
 
 
 def test_the_hub_moves_to_another_master_when_its_own_fails(cluster, on_cluster, facility):
-    from django_ws.conf import get_settings
-    from uwsgi_ws.protocol import Audience, Kind, channel_name
+    from uwsgi_ws.protocol import Audience, Kind
 
     stack = on_cluster
     first = WS(stack.url(f"/ws/{facility}?subscribe-broadcast"))
@@ -169,8 +185,7 @@ def test_the_hub_moves_to_another_master_when_its_own_fails(cluster, on_cluster,
     name = next(
         f"{facility}{i}"
         for i in range(100)
-        if cluster.owner(channel_name(get_settings().prefix, f"{facility}{i}", Audience(Kind.BROADCAST)))
-        != hub_node.port
+        if cluster.owner(_channel(f"{facility}{i}", Audience(Kind.BROADCAST))) != hub_node.port
     )
     ws = WS(stack.url(f"/ws/{name}?subscribe-broadcast"))
     ws.ready()

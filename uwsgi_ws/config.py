@@ -40,20 +40,14 @@ class Config:
     publish_command: str = "PUBLISH"
 
     def __post_init__(self) -> None:
-        from .redis_url import check_url
+        from .redis_url import check_publish_command, check_url
 
         check_url(self.redis_url)
+        check_publish_command(self.publish_command, self.redis_url)
         if not self.secret:
             raise ConfigurationError("the ticket secret is empty")
         if self.pool_size < 1:
             raise ConfigurationError(f"pool_size must be at least 1, not {self.pool_size}")
-        if self.publish_command not in ("PUBLISH", "SPUBLISH"):
-            raise ConfigurationError(f"publish_command must be PUBLISH or SPUBLISH, not {self.publish_command!r}")
-        if self.publish_command == "SPUBLISH" and self.redis_url.startswith("redis+cluster://"):
-            raise ConfigurationError(
-                "SPUBLISH with a Redis Cluster is not supported yet (the Hub would need a connection per "
-                "shard): use PUBLISH, which a Cluster forwards to every node"
-            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:

@@ -18,6 +18,7 @@ moves to the next node given in the URL when its node fails).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +111,18 @@ def is_cluster(url: str) -> bool:
     return url.startswith(CLUSTER_SCHEME + "://")
 
 
+def check_publish_command(command: str, url: str) -> str:
+    """Return ``command`` if it can publish to the Redis at ``url``, else raise ConfigurationError."""
+    if command not in ("PUBLISH", "SPUBLISH"):
+        raise ConfigurationError(f"the publish command must be PUBLISH or SPUBLISH, not {command!r}")
+    if command == "SPUBLISH" and is_cluster(url):
+        raise ConfigurationError(
+            "SPUBLISH with a Redis Cluster is not supported yet (the Hub would need a connection per "
+            "shard): use PUBLISH, which a Cluster forwards to every node"
+        )
+    return command
+
+
 def _sentinel(target: SentinelTarget, socket_timeout: float | None) -> Any:
     from redis.sentinel import Sentinel
 
@@ -120,9 +133,7 @@ def _sentinel(target: SentinelTarget, socket_timeout: float | None) -> Any:
     )
 
 
-def make_client(
-    url: str, *, max_connections: int | None = None, wait: float = 10.0, **options: Any
-) -> redis.Redis:
+def make_client(url: str, *, max_connections: int | None = None, wait: float = 10.0, **options: Any) -> redis.Redis:
     """Return a client for ``url``.
 
     ``max_connections`` bounds its pool: callers wait up to ``wait`` seconds for a
@@ -159,8 +170,6 @@ def subscriber_factory(url: str, **options: Any) -> Callable[[], Connection]:
     with a Cluster, each new connection goes to the next node of the URL.
     """
     if is_cluster(url):
-        import itertools
-
         cluster = parse_cluster_url(url)
         turns = itertools.cycle(cluster.nodes)
 

@@ -162,10 +162,12 @@ def test_single_instance_takes_secret_from_settings_and_tuning_from_the_environm
     monkeypatch.setenv("DJANGO_WS_POOL_SIZE", "3")
     monkeypatch.setenv("DJANGO_WS_CLOCK_SKEW", "1.5")
     monkeypatch.setenv("DJANGO_WS_SECRET", "not the one Django uses")
-    conf = get_settings()
-    config = WebSocketWSGIHandler(lambda environ, start_response: []).websocket_app().config
+    monkeypatch.setenv("DJANGO_WS_PUBLISH_COMMAND", "PUBLISH")
+    with override_settings(DJANGO_WS={"PUBLISH_COMMAND": "SPUBLISH", "TICKET_SECRET": "django's own"}):
+        conf = get_settings()
+        config = WebSocketWSGIHandler(lambda environ, start_response: []).websocket_app().config
     assert (config.pool_size, config.clock_skew) == (3, 1.5)
-    assert (config.secret, config.redis_url) == (conf.ticket_secret, conf.redis_url)
+    assert (config.secret, config.redis_url, config.publish_command) == (b"django's own", conf.redis_url, "SPUBLISH")
 
 
 def test_thread_slots_number_the_threads_of_a_process():
