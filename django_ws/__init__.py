@@ -1,12 +1,13 @@
 """Real-time push from Django to browsers over websockets, uWSGI and Redis.
 
-Call :func:`publish` from views, management commands or task workers.
+Call :func:`publish` from views, management commands or task workers, and
+:func:`disconnect` to close the connections of users, groups or sessions.
 """
 
 from __future__ import annotations
 
 from uwsgi_ws.exceptions import PublishError
 
-from .publishing import publish
+from .publishing import disconnect, publish
 
-__all__ = ["publish", "PublishError"]
+__all__ = ["disconnect", "publish", "PublishError"]

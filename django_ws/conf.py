@@ -66,6 +66,12 @@ DEFAULTS: dict[str, Any] = {
     # list of them (or a comma-separated string): hand-overs then go to each in turn.
     # Default: $DJANGO_WS_OFFLOAD_TO. None: no offloading (single-instance mode).
     "OFFLOAD_TO": None,
+    # Close the websockets of a session when it ends: on logout (user_logged_out) and
+    # when a view flushes the session or changes its key (login does).
+    "DISCONNECT_ON_LOGOUT": True,
+    # Seconds after which a connection is closed (code 4010) so that its client
+    # reconnects and is authorized again with its current rights; None: never.
+    "MAX_CONNECTION_AGE": None,
     # "PUBLISH", or "SPUBLISH" (sharded pub/sub, Redis 7): must match the websocket
     # instance's DJANGO_WS_PUBLISH_COMMAND. Default: $DJANGO_WS_PUBLISH_COMMAND, else PUBLISH.
     "PUBLISH_COMMAND": None,
@@ -101,6 +107,8 @@ class WsSettings:
     publish_retries: int
     publish_retry_delay: float
     publish_command: str
+    disconnect_on_logout: bool
+    max_connection_age: float | None
 
     def limits(self) -> Limits:
         return Limits(
@@ -233,6 +241,8 @@ def _read() -> WsSettings:
         publish_retries=_int(s, "PUBLISH_RETRIES", 0),
         publish_retry_delay=_positive(s, "PUBLISH_RETRY_DELAY"),
         publish_command=publish_command,
+        disconnect_on_logout=bool(s["DISCONNECT_ON_LOGOUT"]),
+        max_connection_age=None if s["MAX_CONNECTION_AGE"] is None else _positive(s, "MAX_CONNECTION_AGE"),
     )
 
 

@@ -47,6 +47,8 @@ from uwsgi_ws.protocol import (
 )
 
 from .conf import WsSettings, get_settings
+from .identity import client_identity, session_digest
+from .logout import close_sessions, watch_session
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +87,11 @@ class WebSocketMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         conf = get_settings()
         if not request.path_info.startswith(conf.url):
-            return self.get_response(request)
+            ended = watch_session(request) if conf.disconnect_on_logout else None
+            response = self.get_response(request)
+            if ended:
+                close_sessions(request, ended)
+            return response
         facility = request.path_info[len(conf.url) :]
         try:
             if request.method == "POST":
@@ -107,8 +113,7 @@ class WebSocketMiddleware:
             Refused: origin or authorization refused (403).
         """
         stream = wants_event_stream(request.method or "", request.META)
-        if not stream:
-            check_handshake(request.method or "", request.META)
+        key = "" if stream else check_handshake(request.method or "", request.META)
         check_origin(request, conf)
         validate_facility(facility)
         if conf.facilities is not None and facility not in conf.facilities:
@@ -139,10 +144,14 @@ class WebSocketMiddleware:
             echo=asked.echo,
             latest=asked.latest,
             recover={label: p for label, p in recover.items() if label in subscribe},
-            identity=_identity(request),
+            identity=client_identity(request),
             limits=conf.limits(),
             expires=time.time() + conf.ticket_ttl,
             stream=stream,
+            key=key,
+            prefix=conf.prefix,
+            tags=connection_tags(request),
+            max_age=conf.max_connection_age or 0.0,
         )
 
     def publish(self, request: HttpRequest, facility: str, conf: WsSettings) -> HttpResponse:
@@ -199,7 +208,7 @@ class WebSocketMiddleware:
                 history_ttl=conf.history_ttl,
             )
         except PublishError as exc:
-            logger.error("publish from %s failed: %s", _identity(request), exc)
+            logger.error("publish from %s failed: %s", client_identity(request), exc)
             return _plain(503, "message not published: server unavailable")
         answer = [{"channel": channel_label(p.channel), "offset": p.offset, "epoch": p.epoch} for p in published]
         return JsonResponse({"published": answer})
@@ -282,7 +291,8 @@ def resolve(request: HttpRequest, kind: Kind, action: str) -> list[Audience]:
         key = session.session_key if session is not None else None
         if not key:
             raise Refused(f"{action}-session needs a session: the request carried no session cookie")
-        return [Audience(Kind.SESSION, key)]
+        # The key itself is a credential: outside Django the session is its digest.
+        return [Audience(Kind.SESSION, session_digest(key))]
     user = getattr(request, "user", None)
     if user is None or not user.is_authenticated:
         raise Refused(f"{action}-{kind.value} needs a logged-in user")
@@ -298,11 +308,22 @@ def _require(conf: WsSettings, request: HttpRequest, facility: str, action: str,
         raise Refused(f"not allowed to {action} to {audience.label}")
 
 
-def _identity(request: HttpRequest) -> str:
+def connection_tags(request: HttpRequest) -> tuple[str, ...]:
+    """Return what ``disconnect()`` can close this client's connection by.
+
+    Its user, every group of its user (read now) and its session, whatever the
+    connection subscribes to: a logout must close a broadcast-only socket too.
+    """
+    tags = []
     user = getattr(request, "user", None)
     if user is not None and user.is_authenticated:
-        return f"user:{user.pk}"
-    return "anonymous"
+        tags.append(Audience(Kind.USER, user.get_username()).tag)
+        tags += [Audience(Kind.GROUP, name).tag for name in user.groups.order_by("name").values_list("name", flat=True)]
+    session = getattr(request, "session", None)
+    key = session.session_key if session is not None else None
+    if key:
+        tags.append(Audience(Kind.SESSION, session_digest(key)).tag)
+    return tuple(tags)
 
 
 def _csrf_protected(request: HttpRequest) -> HttpResponse:  # pragma: no cover - never called

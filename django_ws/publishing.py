@@ -1,4 +1,4 @@
-"""``publish()``: push a message to websockets from any synchronous code."""
+"""``publish()`` and ``disconnect()``: reach websockets from any synchronous code."""
 
 from __future__ import annotations
 
@@ -13,13 +13,26 @@ from typing import Any
 import redis
 
 from uwsgi_ws.exceptions import BadRequest, PublishError
-from uwsgi_ws.protocol import Audience, Kind, channel_name, encode_payload, validate_facility
+from uwsgi_ws.protocol import (
+    CLOSE_DISCONNECTED,
+    KIND_JSON,
+    Audience,
+    Disconnect,
+    Kind,
+    channel_name,
+    check_close,
+    control_channel,
+    encode_disconnect,
+    encode_payload,
+    validate_facility,
+)
 from uwsgi_ws.redis_url import make_client
 from uwsgi_ws.store import Published, Store
 
 from .conf import get_settings
+from .identity import session_digest
 
-__all__ = ["publish", "Published", "PublishError"]
+__all__ = ["disconnect", "publish", "Published", "PublishError"]
 
 logger = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -114,7 +127,8 @@ def publish(
     audiences: list[Audience] = [Audience(Kind.BROADCAST)] if broadcast else []
     audiences += [Audience(Kind.USER, n) for n in user_names]
     audiences += [Audience(Kind.GROUP, n) for n in group_names]
-    audiences += [Audience(Kind.SESSION, k) for k in session_keys]
+    # A session key never leaves Django: its channel is named by its digest.
+    audiences += [Audience(Kind.SESSION, session_digest(k)) for k in session_keys]
     if not audiences:
         raise ValueError("publish() needs an audience: broadcast=True, users=[...], groups=[...] or sessions=[...]")
     kind, payload = encode_payload(message)
@@ -122,24 +136,78 @@ def publish(
     if _interceptors:
         call = PublishCall(facility, message, broadcast, user_names, group_names, session_keys, history, channels)
         return _interceptors[-1](call)
+    return _send(channels, kind, payload, history_size=conf.history_size if history else 0, what=facility)
+
+
+def _send(channels: list[str], kind: bytes, payload: bytes, *, history_size: int, what: str) -> list[Published]:
+    """Publish through the process's client, with the configured retries."""
+    conf = get_settings()
     store = Store(get_redis(), publish_command=conf.publish_command)
     delay = conf.publish_retry_delay
     for attempt in range(conf.publish_retries + 1):
         try:
-            return store.publish(
-                channels,
-                kind,
-                payload,
-                history_size=conf.history_size if history else 0,
-                history_ttl=conf.history_ttl,
-            )
+            return store.publish(channels, kind, payload, history_size=history_size, history_ttl=conf.history_ttl)
         except PublishError:
             if attempt == conf.publish_retries:
                 raise
-            logger.warning("publish to %s failed, retrying in %.2fs", facility, delay)
+            logger.warning("publish to %s failed, retrying in %.2fs", what, delay)
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+# Orders kept on the control channel, so that a worker whose Redis connection broke
+# can still carry out those given meanwhile (see uwsgi_ws.control).
+CONTROL_HISTORY_SIZE = 1000
+
+
+def disconnect(
+    *,
+    users: Iterable[Any] = (),
+    groups: Iterable[Any] = (),
+    sessions: Iterable[Any] = (),
+    code: int = CLOSE_DISCONNECTED,
+    reason: str = "",
+) -> int:
+    """Close the open websockets and event streams of these users, groups and sessions.
+
+    The order goes through Redis to every websocket instance and worker, so any
+    Django process may give it (a view, a command, a task). It closes every matching
+    connection, whatever it subscribes to; a client that connects again is
+    authorized again, with its rights of that moment.
+
+    Args:
+        users: users (or usernames) whose connections to close.
+        groups: groups (or names): the connections of their members (membership as
+            it was when each connection was made).
+        sessions: sessions (keys, session objects or requests).
+        code: the websocket close code, 4000-4999 (4008, 4009, 4010 are the
+            server's own). 4100-4199 (default 4100) tell the browser client not to
+            reconnect: it emits a ``disconnected`` event instead. Other codes make it
+            reconnect, e.g. to pick up changed rights.
+        reason: a short text for the client (at most 120 bytes in UTF-8).
+
+    Returns:
+        The number of websocket workers that received the order.
+
+    Raises:
+        ValueError: no target, or a bad code or reason.
+        TypeError: a target of a type that cannot be named.
+        PublishError: Redis could not be reached; nothing was closed.
+    """
+    check_close(code, reason)
+    tags = [Audience(Kind.USER, _name(u, "users", _username)).tag for u in _many(users, "users")]
+    tags += [Audience(Kind.GROUP, _name(g, "groups", _group_name)).tag for g in _many(groups, "groups")]
+    tags += [
+        Audience(Kind.SESSION, session_digest(_name(s, "sessions", _session_key))).tag
+        for s in _many(sessions, "sessions")
+    ]
+    if not tags:
+        raise ValueError("disconnect() needs a target: users=[...], groups=[...] or sessions=[...]")
+    order = Disconnect(tuple(dict.fromkeys(tags)), code, reason, time.time())
+    channel = control_channel(get_settings().prefix)
+    published = _send([channel], KIND_JSON, encode_disconnect(order), history_size=CONTROL_HISTORY_SIZE, what="control")
+    return published[0].receivers
 
 
 def _many(values: Iterable[Any], name: str) -> Iterable[Any]:

@@ -7,10 +7,7 @@ way the front's offload thread forwards a request.
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
-import socket
-import struct
 import subprocess
 import time
 
@@ -18,57 +15,24 @@ import pytest
 
 import django_ws
 from tests.conftest import UWSGI
+from tests.direct import handshake_vars as direct_vars
+from tests.direct import new_key, status_line
 from uwsgi_ws.protocol import Limits, Ticket, sign_ticket
 
-KEY = base64.b64encode(os.urandom(16)).decode()
-
-
-def uwsgi_packet(variables: dict[str, str]) -> bytes:
-    body = b""
-    for name, value in variables.items():
-        n, v = name.encode(), value.encode()
-        body += struct.pack("<H", len(n)) + n + struct.pack("<H", len(v)) + v
-    return struct.pack("<BHB", 0, len(body), 0) + body
+KEY = new_key()
 
 
 def handshake_vars(ticket: str | None) -> dict[str, str]:
-    variables = {
-        "REQUEST_METHOD": "GET",
-        "REQUEST_URI": "/ws/direct?subscribe-broadcast",
-        "PATH_INFO": "/ws/direct",
-        "QUERY_STRING": "subscribe-broadcast",
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "SERVER_NAME": "127.0.0.1",
-        "SERVER_PORT": "80",
-        "REMOTE_ADDR": "127.0.0.1",
-        "HTTP_HOST": "127.0.0.1",
-        "HTTP_UPGRADE": "websocket",
-        "HTTP_CONNECTION": "Upgrade",
-        "HTTP_SEC_WEBSOCKET_VERSION": "13",
-        "HTTP_SEC_WEBSOCKET_KEY": KEY,
-    }
-    if ticket is not None:
-        variables["DJANGO_WS_TICKET"] = ticket
-    return variables
+    return direct_vars(ticket, key=KEY)
 
 
-def status_line(port: int, variables: dict[str, str]) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-        conn.sendall(uwsgi_packet(variables))
-        data = b""
-        while b"\r\n" not in data:
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    return data.split(b"\r\n", 1)[0]
-
-
-def ticket(secret: str, *, expires_in: float = 10.0, channel: str = "{ws:direct:broadcast}") -> str:
+def ticket(secret: str, *, expires_in: float = 10.0, channel: str = "{ws:direct:broadcast}", key: str = KEY) -> str:
+    """Sign a ticket the way Django does, for the handshake with ``key``."""
     t = Ticket(
         subscribe={"broadcast": channel},
         limits=Limits(),
         expires=time.time() + expires_in,
+        key=key,
     )
     return sign_ticket(t, secret.encode())
 

@@ -14,6 +14,7 @@ Run it with::
 from __future__ import annotations
 
 import gc
+import hmac
 import logging
 import os
 import time
@@ -22,9 +23,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from .config import Config
-from .exceptions import BadRequest, ConfigurationError, TicketError
+from .control import Controller
+from .exceptions import BadRequest, ConfigurationError, RedisUnavailable, TicketError
 from .hub import Hub, connection_factory
-from .protocol import SSE_HEADERS, Ticket, check_handshake, verify_ticket
+from .protocol import SSE_HEADERS, Ticket, check_handshake, nonce_key, verify_ticket
 from .redis_url import make_client
 from .session import EventStreamSession, Session
 from .store import Store
@@ -64,6 +66,7 @@ class WebSocketApplication:
         self._hub: Hub | None = None
         self._store: Store | None = None
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
+        self._controllers: dict[str, Controller] = {}
 
     @property
     def config(self) -> Config:
@@ -89,6 +92,16 @@ class WebSocketApplication:
             self._hub = Hub(connection_factory(config.redis_url, ping_interval=10.0), subscribe_command=sub)
             self._hub.start()
         return self._hub, self._store
+
+    def controller(self, prefix: str) -> Controller:
+        """Return this worker's controller for the project with Redis ``prefix``."""
+        controller = self._controllers.get(prefix)
+        if controller is None:
+            hub, store = self._runtime()
+            controller = self._controllers.setdefault(
+                prefix, Controller(prefix, hub, store, clock_skew=self.config.clock_skew)
+            )
+        return controller
 
     def going_away(self, *args: Any) -> None:
         """Close every connection of this worker with 1012 (service restart).
@@ -138,6 +151,7 @@ class WebSocketApplication:
         if self._store is not None:
             self._store.client.close()
         self._hub = self._store = None
+        self._controllers.clear()
 
     @staticmethod
     def _gevent_patched() -> bool:
@@ -165,11 +179,25 @@ class WebSocketApplication:
                 key = ""
             else:
                 key = check_handshake(environ.get("REQUEST_METHOD", ""), environ)
+            # The ticket was made for one handshake: another connection that got hold
+            # of it (a log, a proxy, a race) cannot use it with a key of its own.
+            if not hmac.compare_digest(ticket.key.encode("ascii", "replace"), key.encode("ascii")):
+                raise TicketError("ticket made for another handshake")
         except TicketError as exc:
             logger.warning("refused connection from %s: %s", environ.get("REMOTE_ADDR", "?"), exc.reason)
             return _answer(start_response, 403, "forbidden")
         except BadRequest as exc:
             return _answer(start_response, exc.status, exc.message)
+        in_process = environ.get(ACCEPT_STREAM_KEY if ticket.stream else ACCEPT_KEY) is not None
+        if not in_process:
+            if not self._gevent_patched():
+                return _answer(start_response, 500, "server misconfigured")
+            if self._hub is None:
+                self._start_worker_watchers()
+        refusal = self._claim(ticket, environ, config)
+        if refusal is not None:
+            status, text = refusal
+            return _answer(start_response, status, text)
         if ticket.stream:
             return self._stream(ticket, environ, start_response)
         accept = environ.get(ACCEPT_KEY)
@@ -177,11 +205,6 @@ class WebSocketApplication:
         if accept is not None:
             transport = accept(key)
         else:
-            if not self._gevent_patched():
-                return _answer(start_response, 500, "server misconfigured")
-            if self._hub is None:
-                self._start_worker_watchers()
-            self._runtime()  # before the handshake: a Redis problem is then a clean error
             import uwsgi
 
             try:
@@ -193,13 +216,36 @@ class WebSocketApplication:
         self._serve(Session, ticket, transport)
         return []
 
+    def _claim(self, ticket: Ticket, environ: dict[str, Any], config: Config) -> tuple[int, str] | None:
+        """Use the ticket up: return None, or the status and text refusing the request."""
+        _, store = self._runtime()  # before the handshake: a Redis problem is then a clean error
+        lifetime = ticket.expires - time.time() + config.clock_skew  # the mark outlives the ticket
+        try:
+            fresh = store.claim(nonce_key(ticket.prefix, ticket.nonce), lifetime)
+        except RedisUnavailable as exc:
+            logger.warning("refused connection of %s: %s", ticket.identity, exc)
+            return 503, "service unavailable: try again"
+        if not fresh:
+            logger.warning(
+                "refused a ticket used before, for %s from %s", ticket.identity, environ.get("REMOTE_ADDR", "?")
+            )
+            return 403, "forbidden"
+        return None
+
     def _serve(self, session_class: type[Session], ticket: Ticket, transport: Transport) -> None:
         hub, store = self._runtime()
         if getattr(transport, "cooperative", False):
             # Everything alive now (the other sessions) leaves the collector's reach:
             # see FULL_COLLECTION_INTERVAL.
             gc.freeze()
-        session = session_class(ticket, transport, hub, store, subscribe_timeout=self.config.subscribe_timeout)
+        session = session_class(
+            ticket,
+            transport,
+            hub,
+            store,
+            subscribe_timeout=self.config.subscribe_timeout,
+            controller=self.controller(ticket.prefix),
+        )
         self._sessions.add(session)
         try:
             session.run()
@@ -235,6 +281,7 @@ _REASONS = {
     405: "Method Not Allowed",
     426: "Upgrade Required",
     500: "Internal Server Error",
+    503: "Service Unavailable",
 }
 
 

@@ -7,6 +7,7 @@ The hierarchy::
     │   └── Refused           the request is well formed but not allowed (HTTP 403)
     ├── TicketError           a hand-over ticket is missing, forged or expired (HTTP 403)
     ├── PublishError          a message could not be handed to Redis: never a silent loss
+    ├── RedisUnavailable      Redis could not be reached for something other than a publish
     └── ConfigurationError    a setting or environment variable has a bad value
 
 Every exception carries the data in attributes; the text is meant for logs and for
@@ -50,6 +51,10 @@ class TicketError(WebSocketError):
 
 class PublishError(WebSocketError):
     """A message could not be stored and published; nothing was silently dropped."""
+
+
+class RedisUnavailable(WebSocketError):
+    """Redis could not be reached or refused a command (not a publish: see PublishError)."""
 
 
 class ConfigurationError(WebSocketError):

@@ -34,6 +34,7 @@ import enum
 import hashlib
 import hmac
 import json
+import os
 import re
 import struct
 import time
@@ -93,6 +94,13 @@ class Audience:
             return "group:" + self.name
         return self.kind.value
 
+    @property
+    def tag(self) -> str:
+        """Return what ``disconnect()`` matches connections of this audience by."""
+        if self.kind is Kind.BROADCAST:
+            raise ValueError("a broadcast audience names no connection")
+        return f"{self.kind.value}:{self.name}"
+
 
 def validate_facility(facility: str) -> str:
     """Return ``facility`` if it is a valid facility name, else raise BadRequest."""
@@ -135,6 +143,8 @@ def parse_channel(channel: str) -> tuple[str, str, Audience]:
 
 def channel_label(channel: str) -> str:
     """Return the client-facing label of a Redis channel name."""
+    if channel.endswith(":control}") and channel.count(":") == 1:
+        return "control"  # the workers' own channel (see control_channel); no client sees it
     return parse_channel(channel)[2].label
 
 
@@ -267,7 +277,7 @@ def _parse_positions(text: str) -> dict[str, Position]:
 
 # --------------------------------------------------------------------------- ticket
 
-TICKET_VERSION = 1
+TICKET_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -289,7 +299,9 @@ class Ticket:
     """Everything the websocket instance needs to serve one connection.
 
     Django signs it after authenticating and authorizing the request; the websocket
-    instance trusts nothing else about the connection.
+    instance trusts nothing else about the connection. A ticket is used once (its
+    ``nonce`` is claimed in Redis) and only for the handshake it was made for (its
+    ``key``), so one that leaks cannot open another connection.
 
     Attributes:
         subscribe: client label -> Redis channel, for every channel to listen on.
@@ -297,10 +309,18 @@ class Ticket:
         echo: deliver the client's own publications back to it.
         latest: on connect, send the last message kept in each channel's history.
         recover: client label -> position to resume from.
-        identity: who this is, for logs only (``user:alice``, ``anonymous``).
+        identity: who this is, for logs and the shared publish rate limit
+            (``user:<pk>``, ``session:<digest>``, ``addr:<ip>``); never a secret.
         limits: the connection's limits.
         expires: Unix time after which the ticket is refused.
         stream: serve a Server-Sent Events stream instead of a websocket.
+        nonce: random; the websocket instance accepts each nonce once.
+        key: the ``Sec-WebSocket-Key`` of the handshake (empty for event streams).
+        prefix: the project's Redis prefix (names the nonce and control keys).
+        tags: what ``disconnect()`` can match this connection by: ``user:<name>``,
+            ``group:<name>`` and ``session:<digest>``.
+        max_age: seconds after which the connection is closed so that the client
+            reconnects with fresh rights (0: no limit).
     """
 
     subscribe: Mapping[str, str]
@@ -312,6 +332,11 @@ class Ticket:
     limits: Limits = field(default_factory=Limits)
     expires: float = 0.0
     stream: bool = False
+    nonce: str = field(default_factory=lambda: new_nonce())
+    key: str = ""
+    prefix: str = "ws"
+    tags: tuple[str, ...] = ()
+    max_age: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -334,6 +359,11 @@ class Ticket:
             ],
             "x": self.expires,
             "t": self.stream,
+            "n": self.nonce,
+            "w": self.key,
+            "k": self.prefix,
+            "g": list(self.tags),
+            "a": self.max_age,
         }
 
     @classmethod
@@ -350,10 +380,109 @@ class Ticket:
                 identity=str(data["i"]),
                 limits=Limits(*data["m"]),
                 expires=float(data["x"]),
-                stream=bool(data.get("t", False)),
+                stream=bool(data["t"]),
+                nonce=_nonempty(str(data["n"])),
+                key=str(data["w"]),
+                prefix=validate_prefix(str(data["k"])),
+                tags=tuple(str(t) for t in data["g"]),
+                max_age=float(data["a"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError):
             raise TicketError("malformed ticket") from None
+
+
+def _nonempty(text: str) -> str:
+    if not text:
+        raise ValueError("empty")
+    return text
+
+
+def new_nonce() -> str:
+    """Return a fresh ticket nonce: 128 random bits."""
+    return _b64(os.urandom(16))
+
+
+def nonce_key(prefix: str, nonce: str) -> str:
+    """Return the Redis key that marks the ticket with ``nonce`` as used."""
+    return "{" + f"{prefix}:ticket:{nonce}" + "}"
+
+
+def control_channel(prefix: str) -> str:
+    """Return the pub/sub channel carrying ``disconnect()`` orders to every worker."""
+    return "{" + f"{prefix}:control" + "}"
+
+
+# Close codes a ``disconnect()`` may use. 4100-4199 ask the client to stay away (the
+# browser client does not reconnect after them: the identity it connected with is
+# gone); the rest of 4000-4999 ask it to reconnect, e.g. to pick up changed rights.
+# 4008 and 4009 are the server's own (slow consumer, heartbeat timeout).
+CLOSE_DISCONNECTED = 4100
+TERMINAL_CLOSE_CODES = range(4100, 4200)
+RESERVED_CLOSE_CODES = frozenset({4008, 4009, 4010})
+MAX_REASON_BYTES = 120  # a close frame's payload is at most 125 bytes, 2 of them the code
+
+
+@dataclass(frozen=True)
+class Disconnect:
+    """An order to close every local connection carrying one of ``tags``.
+
+    ``issued`` is the Unix time at which Django gave the order: a connection that
+    started clearly later (more than the tolerated clock skew) is not closed by it,
+    since it was authorized after the order (a replay of the order from history
+    after a Redis reconnection must not close connections made since).
+    """
+
+    tags: tuple[str, ...]
+    code: int = CLOSE_DISCONNECTED
+    reason: str = ""
+    issued: float = 0.0
+
+
+def check_close(code: int, reason: str) -> None:
+    """Raise ValueError unless ``code`` and ``reason`` can close a connection on order."""
+    if type(code) is not int or not 4000 <= code <= 4999 or code in RESERVED_CLOSE_CODES:
+        raise ValueError(
+            f"close code {code!r} cannot be used: pick one in 4000-4999 except "
+            f"{', '.join(map(str, sorted(RESERVED_CLOSE_CODES)))} (4100-4199: the browser client does not reconnect)"
+        )
+    if not isinstance(reason, str) or len(reason.encode("utf-8")) > MAX_REASON_BYTES:
+        raise ValueError(f"the close reason must be a string of at most {MAX_REASON_BYTES} bytes in UTF-8")
+
+
+def encode_disconnect(order: Disconnect) -> bytes:
+    """Return the control message carrying ``order``."""
+    check_close(order.code, order.reason)
+    document = {
+        "type": "disconnect",
+        "tags": list(order.tags),
+        "code": order.code,
+        "reason": order.reason,
+        "issued": order.issued,
+    }
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+
+def decode_control(payload: bytes) -> Disconnect:
+    """Parse a control message made by :func:`encode_disconnect`.
+
+    Raises:
+        ValueError: not a control message this version understands.
+    """
+    try:
+        document = json.loads(payload)
+        if not isinstance(document, dict) or document.get("type") != "disconnect":
+            raise ValueError("not a disconnect order")
+        tags = document["tags"]
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise ValueError("tags must be a list of strings")
+        issued = document["issued"]
+        if not isinstance(issued, (int, float)) or isinstance(issued, bool):
+            raise ValueError("issued must be a number")
+        order = Disconnect(tuple(tags), document["code"], document["reason"], float(issued))
+    except (KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"malformed control message ({type(exc).__name__})") from None
+    check_close(order.code, order.reason)
+    return order
 
 
 def _b64(data: bytes) -> str:

@@ -11,9 +11,13 @@ Close codes used (besides the standard ones wsproto picks for protocol errors):
     1009  message too big: larger than MAX_MESSAGE_SIZE
     1011  internal error
     1012  service restart: the worker is reloading; reconnect and recover
-    1013  try again later: Redis did not confirm the subscriptions in time
+    1013  try again later: Redis did not confirm the subscriptions in time, or could
+          not be read
     4008  slow consumer: the send queue exceeded its bounds; reconnect and recover
     4009  heartbeat timeout: the client answered nothing for three intervals
+    4010  connection too old (MAX_CONNECTION_AGE): reconnect, with fresh rights
+    4000-4999 otherwise: closed on order of Django (``disconnect()``); 4100-4199 ask
+          the client not to reconnect
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, TextMessage
 from wsproto.frame_protocol import CloseReason
 
-from .exceptions import PublishError
+from .exceptions import PublishError, RedisUnavailable
 from .hub import Hub, SubscribeTimeout
 from .protocol import (
     KIND_BINARY,
@@ -50,11 +55,15 @@ from .protocol import (
 from .store import ChannelState, Store
 from .transport import Transport
 
+if TYPE_CHECKING:
+    from .control import Controller
+
 logger = logging.getLogger(__name__)
 
 CLOSE_SERVICE_RESTART = 1012
 CLOSE_SLOW_CONSUMER = 4008
 CLOSE_HEARTBEAT_TIMEOUT = 4009
+CLOSE_TOO_OLD = 4010
 HEARTBEAT_FRAME = text_frame({"type": "heartbeat"})
 
 
@@ -67,6 +76,8 @@ class Session:
         hub: the worker's Hub.
         store: Redis access for publishing and history.
         subscribe_timeout: seconds to wait for Redis to confirm subscriptions.
+        controller: the worker's controller, which closes connections on Django's
+            orders (``disconnect()``); None: no orders are followed.
         clock: monotonic clock (for tests).
     """
 
@@ -78,9 +89,13 @@ class Session:
         store: Store,
         *,
         subscribe_timeout: float = 10.0,
+        controller: Controller | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ticket = ticket
+        self.controller = controller
+        self.tags = ticket.tags
+        self.started = time.time()
         self.transport = transport
         self.hub = hub
         self.store = store
@@ -110,16 +125,20 @@ class Session:
     def run(self) -> None:
         """Serve the connection until either side closes it."""
         channels = list(self._labels)
+        controlled = False
         try:
             for channel in channels:
                 self._held[channel] = []
-            if channels:
-                try:
+            try:
+                if self.controller is not None:
+                    self.controller.add(self, timeout=self._subscribe_timeout)
+                    controlled = True
+                if channels:
                     self.hub.subscribe(self, channels, timeout=self._subscribe_timeout)
-                except SubscribeTimeout:
-                    logger.warning("Redis did not confirm subscriptions for %s", self.ticket.identity)
-                    self.close(1013, "try again later")
-                    return
+            except SubscribeTimeout:
+                logger.warning("Redis did not confirm subscriptions for %s", self.ticket.identity)
+                self.close(1013, "try again later")
+                return
             self._synchronise(channels, first=True)
             # The heartbeat interval lets clients notice a dead connection in time.
             self.transport.send(
@@ -131,10 +150,16 @@ class Session:
                 )
             )
             self._loop()
+        except RedisUnavailable as exc:
+            logger.warning("closing the connection of %s: %s", self.ticket.identity, exc)
+            self.close(1013, "try again later")
         except Exception:
             logger.exception("websocket session of %s failed", self.ticket.identity)
             self.close(1011, "internal error")
         finally:
+            if controlled:
+                assert self.controller is not None
+                self.controller.remove(self)
             if channels:
                 self.hub.unsubscribe(self, channels)
             self.transport.close()
@@ -144,12 +169,16 @@ class Session:
         now = self._clock()
         last_heard = now
         next_beat = now + interval
+        too_old = now + self.ticket.max_age if self.ticket.max_age > 0 else float("inf")
         transport = self.transport
         while not transport.closed:
             if self._closing:
                 transport.drain(2.0)
                 break
-            data = transport.recv(max(0.0, next_beat - now))
+            if now >= too_old:
+                self.close(CLOSE_TOO_OLD, "connection too old: reconnect")
+                break
+            data = transport.recv(max(0.0, min(next_beat, too_old) - now))
             now = self._clock()
             if data == b"":
                 break
@@ -315,11 +344,15 @@ class Session:
 
     def going_away(self) -> None:
         """Close with 1012 (service restart) from another greenlet or thread."""
+        self.close_soon(CLOSE_SERVICE_RESTART, "service restart")
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Close with ``code`` from another greenlet or thread (never blocks)."""
         with self._lock:
             if self._closing:
                 return
             self._closing = True
-            self._send_close(CLOSE_SERVICE_RESTART, "service restart")
+            self._send_close(code, reason)
         self.transport.interrupt()  # the session's loop then drains briefly and ends
 
     def resync(self, channel: str) -> None:
@@ -333,6 +366,9 @@ class Session:
     def _resync(self, channel: str) -> None:
         try:
             self._synchronise([channel], first=False)
+        except RedisUnavailable as exc:
+            logger.warning("closing the connection of %s: %s", self.ticket.identity, exc)
+            self.close(1013, "try again later")
         except Exception:
             logger.exception("could not resynchronise %s for %s", channel, self.ticket.identity)
             self.close(1011, "internal error")

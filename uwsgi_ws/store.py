@@ -15,7 +15,7 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-from .exceptions import PublishError
+from .exceptions import PublishError, RedisUnavailable
 from .protocol import Envelope, Position, decode_envelope, log_key, meta_key
 
 logger = logging.getLogger(__name__)
@@ -174,12 +174,29 @@ class Store:
             ) from exc
         return [Published(c, int(r[0]), _text(r[1]), int(r[2])) for c, r in zip(channels, results, strict=True)]
 
+    def claim(self, key: str, ttl: float) -> bool:
+        """Mark ``key`` as taken for ``ttl`` seconds; False if it already was.
+
+        This is how a ticket is used once: its nonce is claimed with SET NX, and the
+        mark outlives the ticket's validity.
+
+        Raises:
+            RedisUnavailable: Redis could not be reached, so nobody can tell.
+        """
+        try:
+            return bool(self.client.set(key, b"1", nx=True, px=max(1000, int(ttl * 1000))))
+        except (RedisError, RedisClusterException) as exc:
+            raise RedisUnavailable(f"could not claim a ticket: Redis error {type(exc).__name__}") from exc
+
     def fetch(self, requests: Sequence[tuple[str, Position | None, bool]]) -> list[ChannelState]:
         """Read the state of several channels in one round trip.
 
         Each request is (channel, position to read after or None, latest). With no
         position and ``latest`` false no history is read; with ``latest`` the last
         kept message is read.
+
+        Raises:
+            RedisUnavailable: Redis could not be reached or refused the read.
         """
         calls = []
         for channel, since, latest in requests:
@@ -190,7 +207,12 @@ class Store:
             else:
                 args = ("none",)
             calls.append(((meta_key(channel), log_key(channel)), args))
-        results = _FETCH.run_many(self.client, calls)
+        try:
+            results = _FETCH.run_many(self.client, calls)
+        except (RedisError, RedisClusterException) as exc:
+            raise RedisUnavailable(
+                f"could not read {len(calls)} channel(s): Redis error {type(exc).__name__}"
+            ) from exc
         states = []
         for epoch, top, entries in results:
             history = []

@@ -1,0 +1,73 @@
+"""Talk to the websocket instance directly, the way the front's offload thread does.
+
+A hand-over is a uwsgi-protocol packet of request variables (the client's handshake
+headers plus the ticket Django added) followed by the client's bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import struct
+
+
+def new_key() -> str:
+    """Return a fresh Sec-WebSocket-Key."""
+    return base64.b64encode(os.urandom(16)).decode()
+
+
+def uwsgi_packet(variables: dict[str, str]) -> bytes:
+    body = b""
+    for name, value in variables.items():
+        n, v = name.encode(), value.encode()
+        body += struct.pack("<H", len(n)) + n + struct.pack("<H", len(v)) + v
+    return struct.pack("<BHB", 0, len(body), 0) + body
+
+
+def handshake_vars(ticket: str | None, *, key: str, stream: bool = False) -> dict[str, str]:
+    variables = {
+        "REQUEST_METHOD": "GET",
+        "REQUEST_URI": "/ws/direct?subscribe-broadcast",
+        "PATH_INFO": "/ws/direct",
+        "QUERY_STRING": "subscribe-broadcast",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "80",
+        "REMOTE_ADDR": "127.0.0.1",
+        "HTTP_HOST": "127.0.0.1",
+    }
+    if stream:
+        variables["HTTP_ACCEPT"] = "text/event-stream"
+    else:
+        variables.update(
+            {
+                "HTTP_UPGRADE": "websocket",
+                "HTTP_CONNECTION": "Upgrade",
+                "HTTP_SEC_WEBSOCKET_VERSION": "13",
+                "HTTP_SEC_WEBSOCKET_KEY": key,
+            }
+        )
+    if ticket is not None:
+        variables["DJANGO_WS_TICKET"] = ticket
+    return variables
+
+
+def status_line(address: int | str, variables: dict[str, str]) -> bytes:
+    """Send one hand-over to the websocket instance (a TCP port or a unix path); return
+    the first line of its answer."""
+    if isinstance(address, int):
+        conn = socket.create_connection(("127.0.0.1", address), timeout=10)
+    else:
+        conn = socket.socket(socket.AF_UNIX)
+        conn.settimeout(10)
+        conn.connect(address)
+    with conn:
+        conn.sendall(uwsgi_packet(variables))
+        data = b""
+        while b"\r\n" not in data:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.split(b"\r\n", 1)[0]
