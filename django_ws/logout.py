@@ -34,7 +34,7 @@ def on_user_logged_out(sender: Any, request: Any = None, user: Any = None, **kwa
         return
     key = getattr(getattr(request, "session", None), "session_key", None)
     if key:
-        close_sessions(request, [key])
+        close_sessions(request, [key])  # logout() flushes the session just after this
 
 
 def watch_session(request: Any) -> list[str] | None:
@@ -64,11 +64,16 @@ def watch_session(request: Any) -> list[str] | None:
     return ended
 
 
+def close_ended_sessions(request: Any, ended: list[str]) -> None:
+    """After the response: close the sessions that ``flush()``/``cycle_key()`` ended."""
+    current = getattr(getattr(request, "session", None), "session_key", None)
+    close_sessions(request, [key for key in ended if key != current])
+
+
 def close_sessions(request: Any, keys: list[str]) -> None:
     """Close the connections of the session ``keys`` not closed yet for this request."""
     done: set[str] = getattr(request, _ENDED, set())
-    current = getattr(getattr(request, "session", None), "session_key", None)
-    todo = [k for k in dict.fromkeys(keys) if k not in done and k != current]
+    todo = [k for k in dict.fromkeys(keys) if k not in done]
     if not todo:
         return
     done.update(todo)

@@ -48,7 +48,7 @@ from uwsgi_ws.protocol import (
 
 from .conf import WsSettings, get_settings
 from .identity import client_identity, session_digest
-from .logout import close_sessions, watch_session
+from .logout import close_ended_sessions, watch_session
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class WebSocketMiddleware:
             ended = watch_session(request) if conf.disconnect_on_logout else None
             response = self.get_response(request)
             if ended:
-                close_sessions(request, ended)
+                close_ended_sessions(request, ended)
             return response
         facility = request.path_info[len(conf.url) :]
         try:

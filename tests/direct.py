@@ -71,3 +71,59 @@ def status_line(address: int | str, variables: dict[str, str]) -> bytes:
                 break
             data += chunk
     return data.split(b"\r\n", 1)[0]
+
+
+def open_direct(address: int | str, variables: dict[str, str]) -> tuple[socket.socket, bytes]:
+    """Hand a websocket over directly; return the socket and the bytes after the 101 answer."""
+    if isinstance(address, int):
+        conn = socket.create_connection(("127.0.0.1", address), timeout=10)
+    else:
+        conn = socket.socket(socket.AF_UNIX)
+        conn.settimeout(10)
+        conn.connect(address)
+    conn.sendall(uwsgi_packet(variables))
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 101"):
+        conn.close()
+        raise AssertionError(f"handshake refused: {head[:100]!r}")
+    return conn, rest
+
+
+def read_until_close(conn: socket.socket, pending: bytes = b"") -> tuple[int | None, bytes]:
+    """Read server frames (unmasked) until a close frame; return its code and reason.
+
+    Returns (None, b"") if the connection ends without a close frame.
+    """
+    buffer = pending
+    while True:
+        while len(buffer) >= 2:
+            opcode = buffer[0] & 0x0F
+            length = buffer[1] & 0x7F
+            offset = 2
+            if length == 126:
+                if len(buffer) < 4:
+                    break
+                (length,) = struct.unpack("!H", buffer[2:4])
+                offset = 4
+            elif length == 127:
+                if len(buffer) < 10:
+                    break
+                (length,) = struct.unpack("!Q", buffer[2:10])
+                offset = 10
+            if len(buffer) < offset + length:
+                break
+            payload = buffer[offset : offset + length]
+            buffer = buffer[offset + length :]
+            if opcode == 0x8:
+                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+                return code, payload[2:]
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None, b""
+        buffer += chunk

@@ -162,6 +162,30 @@ def test_close_stops_reconnection(browser, offload_stack):
         page.context.close()
 
 
+def test_logout_in_another_tab_closes_the_page_for_good(browser, offload_stack):
+    base = offload_stack.http("")
+    page = logged_in(browser, base, "alice")
+    page.evaluate("""() => {
+        window.opened = 0;
+        window.chatConnection.on('open', () => window.opened++);
+    }""")
+    other_tab = page.context.new_page()  # the same browser session
+    other_tab.goto(base + "/")
+    other_tab.click("form[action='/logout/'] button")
+    other_tab.wait_for_url(base + "/")
+    page.wait_for_function("document.getElementById('status').textContent === 'signed out'")
+    private = {"kind": "private", "from": "bob", "to": "alice", "text": "after logout"}
+    django_ws.publish("chat", private, users=["alice"])
+    watching = logged_in(browser, base, "carol")
+    django_ws.publish("chat", {"from": "server", "text": "marker after logout"}, broadcast=True)
+    shows(watching, "public", "marker after logout")
+    assert not [t for t in lines(page, "private") if "after logout" in t]
+    assert page.evaluate("window.opened") == 0  # it never came back with the old cookie
+    assert page.evaluate("window.chatConnection.status") == "closed"
+    for p in (page, watching):
+        p.context.close()
+
+
 def test_screenshot_of_the_demo(browser, offload_stack):
     base = offload_stack.http("")
     alice, bob = logged_in(browser, base, "alice"), logged_in(browser, base, "bob")

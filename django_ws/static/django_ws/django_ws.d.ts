@@ -174,6 +174,11 @@ export interface EventMap {
   error: ErrorInfo;
   close: CloseInfo;
   reconnecting: { attempt: number; delay: number };
+  /**
+   * The server closed the connection with 4100-4199 (a logout, django_ws.disconnect()):
+   * the connection is closed for good; the page decides what comes next.
+   */
+  disconnected: { code: number; reason: string };
   status: Status;
   /** "auto" fell back to Server-Sent Events. */
   transport: "sse";
@@ -256,7 +261,11 @@ export const CLOSE_CODES: {
   TRY_AGAIN_LATER: 1013;
   SLOW_CONSUMER: 4008;
   HEARTBEAT_TIMEOUT: 4009;
+  TOO_OLD: 4010;
+  DISCONNECTED: 4100;
 };
+/** True for 4100-4199: the server closed this identity's connections; no reconnection. */
+export function isTerminalClose(code: number | undefined): boolean;
 export const DEFAULTS: Readonly<Options>;
 export const MAX_QUERY_LENGTH: number;
 export const MAX_RECOVER_CHANNELS: number;

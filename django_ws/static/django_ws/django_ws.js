@@ -28,7 +28,7 @@
   var FACILITY_RE = /^[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,62}[A-Za-z0-9_-])?$/;
   var EVENTS = [
     "open", "message", "subscribed", "recovered", "notrecovered", "ready",
-    "error", "close", "reconnecting", "status", "transport",
+    "error", "close", "reconnecting", "status", "transport", "disconnected",
   ];
   var TRANSPORTS = ["auto", "websocket", "sse"];
   // The server's limits on the query string (uwsgi_ws.protocol.parse_query).
@@ -44,7 +44,19 @@
     TRY_AGAIN_LATER: 1013,
     SLOW_CONSUMER: 4008,
     HEARTBEAT_TIMEOUT: 4009,
+    TOO_OLD: 4010,
+    DISCONNECTED: 4100, // django_ws.disconnect()'s default; 4100-4199: do not reconnect
   };
+
+  /**
+   * Tell whether a close code asks the client to stay away: 4100-4199, what the server
+   * sends when the identity the connection was made with is gone (a logout) or was
+   * shut out (django_ws.disconnect()). Reconnecting would only be refused, or worse,
+   * come back as someone else.
+   */
+  function isTerminalClose(code) {
+    return typeof code === "number" && code >= 4100 && code <= 4199;
+  }
 
   var DEFAULTS = {
     minDelay: 500, // ms before the first reconnection attempt (before jitter)
@@ -779,11 +791,21 @@
   Connection.prototype._handleClose = function (ws, event) {
     if (ws !== this._ws) return;
     this._detach();
+    var code = event && event.code;
+    var reason = (event && event.reason) || "";
+    if (isTerminalClose(code)) {
+      // The server closed this identity's connections on purpose: stop, and let the
+      // page decide (log in again, reload...). No reconnection with the old identity.
+      this._emit("close", { code: code, reason: reason, wasClean: !!(event && event.wasClean), willReconnect: false });
+      this.close();
+      this._emit("disconnected", { code: code, reason: reason });
+      return;
+    }
     var fallBack = this._mayFallBack && this.transport === "websocket" && !this._stopped;
     var willReconnect = fallBack || (!this._stopped && this._attempt < this.options.maxRetries);
     this._emit("close", {
-      code: event && event.code,
-      reason: (event && event.reason) || "",
+      code: code,
+      reason: reason,
       wasClean: !!(event && event.wasClean),
       willReconnect: willReconnect,
     });
@@ -876,6 +898,7 @@
     EventStreamSocket: EventStreamSocket,
     isValidPosition: isValidPosition,
     CLOSE_CODES: CLOSE_CODES,
+    isTerminalClose: isTerminalClose,
     DEFAULTS: DEFAULTS,
     MAX_QUERY_LENGTH: MAX_QUERY_LENGTH,
     MAX_RECOVER_CHANNELS: MAX_RECOVER_CHANNELS,

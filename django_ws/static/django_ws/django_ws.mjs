@@ -26,6 +26,7 @@ export const {
   EventStreamSocket,
   isValidPosition,
   CLOSE_CODES,
+  isTerminalClose,
   DEFAULTS,
   MAX_QUERY_LENGTH,
   MAX_RECOVER_CHANNELS,
