@@ -477,19 +477,31 @@ def test_invalid_utf8_text_is_refused_with_1007(stack, project, connect, facilit
 
 
 def test_publish_flood_is_rate_limited_per_connection(stack, project, connect, facility):
-    # RATE_LIMIT defaults to 10 messages per second with bursts of 20. With echo on,
-    # every flood message comes back either as itself or as an error frame.
+    # RATE_LIMIT defaults to 10 messages per second with bursts of 20: the burst is
+    # published, the next messages are refused with error frames, and a client that
+    # keeps flooding after REFUSALS refusals is closed with 1008. With echo on, the
+    # published ones come back (those published before the close, in order).
+    import websocket
+
+    from uwsgi_ws.core import REFUSALS
+
     flooder = connect("publish-broadcast&subscribe-broadcast&echo", session=project.cookie("alice"))
     flooder.ready()
     for i in range(60):
         flooder.send(f"flood {i}")
     flooded, errors = [], 0
-    while len(flooded) + errors < 60:
-        frame = flooder.next()
+    while True:
+        opcode, data = flooder.conn.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            code = int.from_bytes(data[:2], "big")
+            break
+        frame = json.loads(data)
         if frame["type"] == "error":
             assert frame["code"] == "rate_limited"
             errors += 1
         elif frame["type"] == "message":
             flooded.append(frame["data"])
-    assert 20 <= len(flooded) < 60
-    assert flooded[:20] == [f"flood {i}" for i in range(20)]  # the burst, in order
+    assert code == 1008
+    assert errors == REFUSALS
+    assert flooded == [f"flood {i}" for i in range(len(flooded))]  # echoes of the burst, in order
+    assert len(flooded) <= 20

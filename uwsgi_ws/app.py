@@ -89,7 +89,9 @@ class WebSocketApplication:
             )
             sub = "SSUBSCRIBE" if config.publish_command == "SPUBLISH" else "SUBSCRIBE"
             self._store = Store(client, publish_command=config.publish_command)
-            self._hub = Hub(connection_factory(config.redis_url, ping_interval=10.0), subscribe_command=sub)
+            self._hub = Hub(
+                connection_factory(config.redis_url, ping_interval=10.0), store=self._store, subscribe_command=sub
+            )
             self._hub.start()
         return self._hub, self._store
 

@@ -6,18 +6,17 @@ control channel, with a short history, like any message. Each worker's
 subscription per worker, whatever the number of connections), finds the local
 connections carrying one of the order's tags in an index, and closes them. After
 the Hub lost its Redis connection, the controller reads the orders it missed from
-the channel's history, so a logout during a Redis failover still closes the
-sockets of that session once Redis is back.
+the channel's history (the Hub does that for every channel of the worker), so a
+logout during a Redis failover still closes the sockets of that session once
+Redis is back.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from typing import Protocol
 
-from .exceptions import RedisUnavailable
 from .hub import Hub
 from .protocol import Disconnect, Envelope, Position, control_channel, decode_control
 from .store import Store
@@ -48,7 +47,6 @@ class Controller:
         store: Redis access, to read missed orders after a reconnection.
         clock_skew: seconds of clock difference tolerated between Django's hosts
             and this one when telling whether a connection predates an order.
-        spawn: starts a background job (a thread, a greenlet under gevent).
     """
 
     def __init__(
@@ -58,13 +56,11 @@ class Controller:
         store: Store,
         *,
         clock_skew: float = 5.0,
-        spawn: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         self.channel = control_channel(prefix)
         self._hub = hub
         self._store = store
         self._skew = clock_skew
-        self._spawn = spawn or (lambda job: threading.Thread(target=job, daemon=True).start())
         self._lock = threading.Lock()
         self._by_tag: dict[str, set[Closable]] = {}
         self._subscribed = False
@@ -113,28 +109,19 @@ class Controller:
             self._position = Position(envelope.offset, envelope.epoch)
         self._apply(envelope)
 
-    def resync(self, channel: str) -> None:
-        self._spawn(self._catch_up)
+    def resynced(self, channel: str, recovered: bool, position: Position) -> None:
+        # The Hub delivered the orders it found in the history (through deliver).
+        if not recovered:
+            logger.warning("some disconnect orders may have been lost while Redis was unreachable")
+        with self._lock:
+            self._position = position
 
-    def _catch_up(self) -> None:
-        """Apply the orders published while the Hub was disconnected."""
+    def resync_failed(self, channel: str) -> None:
+        logger.warning("could not read the disconnect orders missed while Redis was unreachable")
+
+    def position(self, channel: str) -> Position | None:
         with self._lock:
-            since = self._position
-        try:
-            (state,) = self._store.fetch([(self.channel, since, False)])
-        except RedisUnavailable as exc:
-            logger.warning("could not read missed disconnect orders: %s", exc)
-            return
-        if state.epoch is None:
-            return
-        if state.epoch != since.epoch:
-            missed = list(state.history)  # a new epoch: every kept order may be new
-        else:
-            missed = [e for e in state.history if e.offset > since.offset]
-        for envelope in missed:
-            self._apply(envelope)
-        with self._lock:
-            self._position = Position(state.top, state.epoch)
+            return self._position
 
     # ----------------------------------------------------------------- orders
 

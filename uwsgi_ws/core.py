@@ -234,13 +234,29 @@ class SessionCore:
 
     def hub_message(self, channel: str, envelope: Envelope, frame: bytes | None) -> list[Action]:
         """A live message arrived for ``channel`` (``frame``: the Hub's shared bytes)."""
+        data = self.live(channel, envelope, frame)
+        return [] if data is None else [Send(data)]
+
+    def live(self, channel: str, envelope: Envelope, frame: bytes | None) -> bytes | None:
+        """:meth:`hub_message` for the broadcast path: the bytes to send, or None.
+
+        Called once per listening connection for every message, so it allocates
+        nothing when it delivers the Hub's shared frame.
+        """
         if self.state is State.CLOSING or self.state is State.CLOSED:
-            return []  # nothing after Close
-        held = self._held.get(channel)
-        if held is not None:
-            held.append((envelope, frame))
-            return []
-        return self._deliver(channel, envelope, frame)
+            return None  # nothing after Close
+        if self._held:
+            held = self._held.get(channel)
+            if held is not None:
+                held.append((envelope, frame))
+                return None
+        position = self.positions.get(channel)
+        if position is not None and position.epoch == envelope.epoch and envelope.offset <= position.offset:
+            return None  # delivered already (from history, or twice by the Hub)
+        self.positions[channel] = Position(envelope.offset, envelope.epoch)
+        if envelope.sender == self.sender and not self.ticket.echo:
+            return None
+        return self._message(self.labels[channel], envelope, frame)
 
     def resynced(self, channel: str, recovered: bool, position: Position) -> list[Action]:
         """The Hub caught up with ``channel`` after losing Redis.
@@ -264,6 +280,12 @@ class SessionCore:
         if envelope.sender == self.sender and not self.ticket.echo:
             return []
         return [Send(self._message(self.labels[channel], envelope, frame))]
+
+    def position(self, channel: str) -> Position | None:
+        """Where the client stands in ``channel``; None while its history is read."""
+        if channel in self._held:
+            return None
+        return self.positions.get(channel)
 
     # ----------------------------------------------------------------- client bytes
 

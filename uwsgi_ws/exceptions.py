@@ -8,6 +8,7 @@ The hierarchy::
     ├── TicketError           a hand-over ticket is missing, forged or expired (HTTP 403)
     ├── PublishError          a message could not be handed to Redis: never a silent loss
     ├── RedisUnavailable      Redis could not be reached for something other than a publish
+    │   └── SubscribeTimeout  Redis did not confirm a subscription in time
     └── ConfigurationError    a setting or environment variable has a bad value
 
 Every exception carries the data in attributes; the text is meant for logs and for
@@ -55,6 +56,10 @@ class PublishError(WebSocketError):
 
 class RedisUnavailable(WebSocketError):
     """Redis could not be reached or refused a command (not a publish: see PublishError)."""
+
+
+class SubscribeTimeout(RedisUnavailable):
+    """Redis did not confirm a subscription in time."""
 
 
 class ConfigurationError(WebSocketError):

@@ -13,6 +13,7 @@ import _socket
 import collections
 import os
 import socket
+import time
 from typing import Protocol
 
 import gevent
@@ -49,6 +50,17 @@ class Transport(Protocol):
 
     def drain(self, timeout: float) -> bool:
         """Wait until everything queued is written; False on timeout or error."""
+
+    def cooperate(self) -> None:
+        """Let the other connections of this worker run (between batches of work)."""
+
+    def linger(self, timeout: float) -> None:
+        """Half-close, then read and drop what the client still sends, for at most
+        ``timeout`` seconds or until it closes too.
+
+        Closing a socket with unread data makes the kernel reset the connection,
+        and a reset can destroy the close frame still on its way to the client.
+        """
 
     def close(self) -> None:
         """Stop using the connection."""
@@ -190,6 +202,23 @@ class GeventSocketTransport(_SendQueue):
     def discard_queued(self) -> None:
         self._discard_unstarted()
 
+    def cooperate(self) -> None:
+        gevent.sleep(0)
+
+    def linger(self, timeout: float) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            data = self.recv(left)
+            if not data:  # the client closed too (b""), or time is up (None)
+                return
+
     def drain(self, timeout: float) -> bool:
         if not self._queue:
             return not self.closed
@@ -308,6 +337,23 @@ class ThreadedSocketTransport(_SendQueue):
     def discard_queued(self) -> None:
         with self._cond:
             self._discard_unstarted()
+
+    def cooperate(self) -> None:
+        time.sleep(0)  # each connection has its own thread: just let the others run
+
+    def linger(self, timeout: float) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            data = self.recv(left)
+            if not data:  # the client closed too (b""), or time is up (None)
+                return
 
     def drain(self, timeout: float) -> bool:
         with self._cond:

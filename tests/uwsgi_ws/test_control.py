@@ -46,8 +46,8 @@ def setup(redis_server):
             gate.wait(20)
         return Connection(port=redis_server.port, client_name=name, socket_timeout=30)
 
-    hub = Hub(connect, ping_interval=10)
     store = Store(redis.Redis(port=redis_server.port))
+    hub = Hub(connect, store=store, ping_interval=10)
     controller = Controller("c" + uuid.uuid4().hex[:8], hub, store)
     yield hub, store, controller, gate, attempts, name
     gate.set()

@@ -288,7 +288,7 @@ def test_the_client_closing_is_answered():
 def test_invalid_utf8_closes_1007():
     core = close_in("open")
     raw = bytearray(client_bytes(TextMessage("ab")))
-    raw[-1] ^= raw[-5] ^ 0xFF  # unmask to 0xff: invalid UTF-8 (mask is the 4 bytes before)
+    raw[-1] = 0xFF ^ raw[3]  # the second byte unmasks to 0xff: invalid UTF-8 (mask bytes 2-5)
     actions = feed(core, bytes(raw))
     assert frames(actions) == [{"type": "close", "code": 1007}]
 
