@@ -335,6 +335,9 @@ class WS:
                 header["data"] = payload
                 header["binary"] = True
                 return header
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
+                raise AssertionError(f"the server closed the websocket: {code} {data[2:]!r}")
             raise AssertionError(f"unexpected opcode {opcode}")
 
     def ready(self) -> list[dict[str, Any]]:

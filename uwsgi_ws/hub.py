@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _CHUNK = 256  # channels per SUBSCRIBE command, and per history read after a reconnection
-_RESYNC_PAUSES = (0.2, 0.5, 1.0, 0.0)  # seconds after each failed history read (then give up)
+_RESYNC_PAUSES = (0.2, 0.5, 1.0)  # seconds after each failed pipelined history read
 
 __all__ = ["Hub", "Listener", "SubscribeTimeout", "connection_factory"]
 
@@ -396,21 +396,19 @@ class Hub:
             (name, since or _earliest(name, listeners)) for name, since, listeners in found
         ]
         to_read = [(name, since) for name, since in wanted if since is not None]
-        states: dict[str, ChannelState] = {}
+        states: dict[str, ChannelState | None] = {}
         if to_read and self._store is not None:
-            results = self._read_history(to_read)
-            if results is None:
-                for name, _ in wanted:
-                    self._release(name)
-                    self._notify(name, lambda listener, n=name: listener.resync_failed(n))  # type: ignore[misc]
-                return
-            states = dict(zip((name for name, _ in to_read), results, strict=True))
+            states = self._read_history(to_read)
         for name, since in wanted:
             state = self._channels.get(name)
             if state is None:
                 continue
             if since is None:
                 self._release(name)
+                continue
+            if name in states and states[name] is None:  # its node is unreachable
+                self._release(name)
+                self._notify(name, lambda listener, n=name: listener.resync_failed(n))  # type: ignore[misc]
                 continue
             read = states.get(name)
             missed: tuple[Envelope, ...] = ()  # no store: nothing can be read back
@@ -426,22 +424,35 @@ class Hub:
             self._release(name)
             self._notify(name, lambda listener, n=name, r=recovered, p=position: listener.resynced(n, r, p))  # type: ignore[misc]
 
-    def _read_history(self, to_read: list[tuple[str, Position]]) -> list[ChannelState] | None:
-        """One pipelined read of every channel in ``to_read``, tried a few times: right
-        after a failover the cluster or the new primary may need a moment."""
+    def _read_history(self, to_read: list[tuple[str, Position]]) -> dict[str, ChannelState | None]:
+        """Read every channel of ``to_read``: one pipelined read, tried a few times
+        (right after a failover the new primary may need a moment). If it keeps
+        failing, each channel is read on its own, so that on a Cluster with one
+        master down only that master's channels fail (None)."""
         assert self._store is not None
-        for attempt, pause in enumerate(_RESYNC_PAUSES):
+        requests = [(name, since, False) for name, since in to_read]
+        for pause in _RESYNC_PAUSES:
             self.resync_reads += 1
             try:
-                return self._store.fetch([(name, since, False) for name, since in to_read])
+                return dict(zip((n for n, _ in to_read), self._store.fetch(requests), strict=True))
             except RedisUnavailable as exc:
-                if attempt == len(_RESYNC_PAUSES) - 1 or self._stopping:
-                    logger.warning(
-                        "could not read the history of %d channel(s) after reconnecting: %s", len(to_read), exc
-                    )
-                    return None
+                failure = exc
+            if self._stopping:
+                break
             time.sleep(pause)
-        return None
+        states: dict[str, ChannelState | None] = {}
+        for request in requests:
+            self.resync_reads += 1
+            try:
+                (states[request[0]],) = self._store.fetch([request])
+            except RedisUnavailable:
+                states[request[0]] = None
+        failed = sum(1 for state in states.values() if state is None)
+        if failed:
+            logger.warning(
+                "could not read the history of %d channel(s) after reconnecting: %s", failed, failure
+            )
+        return states
 
     def _release(self, name: str) -> None:
         """Deliver the live messages held during a channel's history read, and stop holding."""
