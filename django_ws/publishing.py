@@ -132,6 +132,7 @@ def publish(
                 payload,
                 history_size=conf.history_size if history else 0,
                 history_ttl=conf.history_ttl,
+                history_max_bytes=conf.history_max_bytes,
             )
         except PublishError:
             if attempt == conf.publish_retries:

@@ -260,6 +260,7 @@ class Session:
                 sender=self.id,
                 history_size=limits.history_size,
                 history_ttl=limits.history_ttl,
+                history_max_bytes=limits.history_max_bytes,
             )
         except PublishError as exc:
             logger.error("publish from %s failed: %s", self.ticket.identity, exc)
