@@ -396,8 +396,12 @@ def _chunk_reader(meta: dict[str, Any]) -> Callable[[int], bytes] | None:
         import uwsgi
     except ImportError:
         return None
-    # One decoded chunk per call (uWSGI bounds a chunk by its chunked-input-limit).
-    return lambda size: uwsgi.chunked_read(10)  # type: ignore[no-any-return]
+    chunked_read = getattr(uwsgi, "chunked_read", None)
+    if chunked_read is None:
+        return None
+    # One decoded chunk per call (uWSGI bounds a chunk by its chunked-input-limit),
+    # waiting at most 10 seconds for it.
+    return lambda size: chunked_read(10)  # type: ignore[no-any-return]
 
 
 def _message(kind: str, body: bytes, limit: int) -> tuple[bytes, bytes]:

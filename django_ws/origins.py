@@ -27,7 +27,7 @@ DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 _SCHEME = r"(?P<scheme>[a-z][a-z0-9+.-]*)"
 # A DNS name or IPv4 address (letters, digits, '-', '.', '_'), or an IPv6 literal.
 _HOST = r"(?P<host>\[[0-9a-f:.]+\]|[a-z0-9_](?:[a-z0-9_.-]*[a-z0-9_])?)"
-_PORT = r"(?::(?P<port>[0-9]{1,5}))?"
+_PORT = r"(?::(?P<port>[1-9][0-9]{0,4}))?"  # written as browsers do: no leading zero
 _ORIGIN_RE = re.compile(_SCHEME + "://" + _HOST + _PORT)
 _PATTERN_RE = re.compile(_SCHEME + "://" + r"(?P<wildcard>\*\.)?" + _HOST + _PORT)
 
@@ -106,7 +106,7 @@ def parse_origin_pattern(text: str) -> OriginPattern:
         ValueError: ``text`` is none of these; the message says what is expected.
     """
     if not isinstance(text, str):
-        raise ValueError(f"{text!r} is not a string")
+        text = repr(text)  # refused below, with the message that says what to write
     if text == "*":
         return OriginPattern(any=True)
     cleaned = text.strip().lower()
