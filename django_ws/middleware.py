@@ -70,8 +70,8 @@ _SENDER_RE = re.compile(r"[0-9a-f]{1,64}")
 # What a POST may carry: its Content-Type -> how it is published.
 _BODY_KINDS = {"text/plain": "text", "application/json": "json", "application/octet-stream": "binary"}
 _CONTENT_LENGTH_RE = re.compile(r"[0-9]+")
-# Values of Sec-Fetch-Site (sent by browsers, which no page can forge) for a request
-# that another site's page made.
+# Values of Sec-Fetch-Site (sent by browsers; no page can set it) for a request that a
+# page of another origin made.
 _OTHER_SITES = frozenset({"cross-site", "same-site"})
 
 
@@ -174,7 +174,7 @@ class WebSocketMiddleware:
         from django.middleware.csrf import CsrfViewMiddleware
 
         body_kind = _body_kind(request)
-        body = read_body(request, conf.max_message_size)
+        body = _read_body(request, conf.max_message_size)
         refusal = CsrfViewMiddleware(self.get_response).process_view(request, _csrf_protected, (), {})
         if refusal is not None:
             raise Refused("CSRF verification failed")
@@ -272,7 +272,7 @@ def check_origin(request: HttpRequest, conf: WsSettings, *, stream: bool = False
     ``ALLOWED_ORIGINS`` and ``CSRF_TRUSTED_ORIGINS`` (wildcard subdomains included).
     ``null`` and anything that is not ``scheme://host[:port]`` are refused.
 
-    Without an Origin: a request that a browser made for another site's page
+    Without an Origin: a request that a browser made for a page of another origin
     (``Sec-Fetch-Site: cross-site`` or ``same-site``) is refused; an event stream
     that the browser marks ``Sec-Fetch-Site: same-origin`` is the page's own
     ``EventSource`` (browsers send no Origin on a same-origin GET); anything else is
@@ -289,7 +289,7 @@ def check_origin(request: HttpRequest, conf: WsSettings, *, stream: bool = False
     if header is None:
         fetch_site = request.META.get("HTTP_SEC_FETCH_SITE", "").strip().lower()
         if fetch_site in _OTHER_SITES:
-            raise Refused("a request made for another site must carry an Origin")
+            raise Refused("a request made by a page of another origin must carry an Origin")
         if stream and fetch_site == "same-origin":
             return
         if conf.allow_missing_origin:
@@ -341,7 +341,7 @@ def _body_kind(request: HttpRequest) -> str:
     return kind
 
 
-def read_body(request: HttpRequest, limit: int) -> bytes:
+def _read_body(request: HttpRequest, limit: int) -> bytes:
     """Read a POST's body, never more than ``limit`` bytes of it.
 
     The length is checked before anything is read: a malformed ``Content-Length``
@@ -356,14 +356,13 @@ def read_body(request: HttpRequest, limit: int) -> bytes:
     meta = request.META
     length = meta.get("CONTENT_LENGTH") or ""
     encoding = meta.get("HTTP_TRANSFER_ENCODING", "").strip().lower()
-    too_big = BadRequest(f"message larger than {limit} bytes", status=413)
     if length:
         if encoding:
             raise BadRequest("Content-Length and Transfer-Encoding together are ambiguous: send one")
         if not _CONTENT_LENGTH_RE.fullmatch(length):
             raise BadRequest("malformed Content-Length")
         if len(length) > 18 or int(length) > limit:  # 18 digits: int() stays cheap
-            raise too_big
+            raise BadRequest(f"message larger than {limit} bytes", status=413)
         return request.body
     if not encoding:
         return b""
@@ -383,7 +382,7 @@ def read_body(request: HttpRequest, limit: int) -> bytes:
         parts.append(part)
         size += len(part)
     if size > limit:
-        raise too_big
+        raise BadRequest(f"message larger than {limit} bytes", status=413)
     return b"".join(parts)
 
 
@@ -407,8 +406,9 @@ def _chunk_reader(meta: dict[str, Any]) -> Callable[[int], bytes] | None:
 def _message(kind: str, body: bytes, limit: int) -> tuple[bytes, bytes]:
     """Return (envelope kind, payload) for a POST's body of ``kind``.
 
-    JSON is parsed and published compact, as ``publish()`` does: browsers receive
-    the value, and a message is never two differently spaced texts.
+    JSON is parsed, then published written compact as ``publish()`` writes it:
+    browsers receive the value, and no raw CR (legal spacing in JSON) reaches an
+    event stream, where it would end the line of data.
 
     Raises:
         BadRequest: text that is not UTF-8, JSON that is not valid (400), JSON that

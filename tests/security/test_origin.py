@@ -182,8 +182,20 @@ def test_secure_proxy_header_and_trusted_origins(strict_stack, facility, poster,
 
 
 def test_an_https_page_refused_for_want_of_the_proxy_header_is_explained_in_the_log(strict_stack, facility):
-    assert ask(strict_stack.port, "ws", facility, f"https://127.0.0.1:{strict_stack.port}") == 403
-    wait_for(lambda: "set SECURE_PROXY_SSL_HEADER" in strict_stack.log.read_text(), what="the log's hint")
+    def hints() -> int:
+        return strict_stack.log.read_text().count("set SECURE_PROXY_SSL_HEADER")
+
+    before = hints()
+    for origin in (
+        f"https://127.0.0.1:{strict_stack.port}",
+        "https://evil.example",
+        f"https://127.0.0.1:{strict_stack.port}",
+    ):
+        assert ask(strict_stack.port, "ws", facility, origin) == 403
+    # One worker thread logs in order: once the last hint is written, the others are too.
+    wait_for(lambda: hints() >= before + 2, what="the log's hints")
+    assert hints() == before + 2  # for the site's own host, not for another one
+    assert not [line for line in strict_stack.log.read_text().splitlines() if "evil.example refused" in line]
 
 
 @pytest.mark.parametrize(

@@ -453,3 +453,62 @@ def test_client_publishing_without_facilities_is_a_check_error(project):
     with override_settings(DJANGO_WS={**open_ended, "CLIENT_PUBLISH": ("group",), "FACILITIES": ["room-*"]}):
         assert not [e for e in check_settings() if e.id == "django_ws.E005"]
     assert check_settings() == []  # the example: client publishing, and its list of facilities
+
+
+# --------------------------------------------------------------------------- the same rules, with RequestFactory
+
+
+def _rf_post(project, body: bytes, *, content_type: str = "text/plain", **meta):
+    import io
+
+    from django.contrib.auth.models import User
+    from django.test import RequestFactory
+
+    from django_ws.middleware import WebSocketMiddleware
+
+    user, _ = User.objects.get_or_create(username="post-rf-" + uuid.uuid4().hex[:8])
+    factory = RequestFactory()
+    factory.cookies["csrftoken"] = TOKEN
+    request = factory.post(
+        "/ws/f?publish-broadcast",
+        data=body,
+        content_type=content_type,
+        HTTP_HOST="127.0.0.1:8000",
+        HTTP_ORIGIN="http://127.0.0.1:8000",
+        HTTP_X_CSRFTOKEN=TOKEN,
+    )
+    for key, value in meta.items():
+        if value is None:
+            request.META.pop(key, None)
+        else:
+            request.META[key] = value
+    if meta.get("wsgi.input_terminated"):
+        request.META["wsgi.input"] = io.BytesIO(body)  # what the server decoded
+    request.user = user
+    request.session = type("S", (), {"session_key": None})()
+    return WebSocketMiddleware(lambda r: None)(request)
+
+
+@pytest.mark.parametrize("size,status", [(10, 200), (65536, 200), (65537, 413), (10**6, 413)])
+def test_a_server_that_decodes_chunks_gives_no_more_than_the_limit(project, size, status):
+    """Servers that decode chunked bodies themselves (wsgi.input_terminated, as gunicorn
+    sets it) hand the body over without a length: it is read no further than the limit."""
+    response = _rf_post(
+        project,
+        b"c" * size,
+        CONTENT_LENGTH=None,
+        HTTP_TRANSFER_ENCODING="chunked",
+        **{"wsgi.input_terminated": True},
+    )
+    assert response.status_code == status
+
+
+def test_chunked_without_a_decoding_server_is_411(project):
+    response = _rf_post(project, b"hello", CONTENT_LENGTH=None, HTTP_TRANSFER_ENCODING="chunked")
+    assert response.status_code == 411
+
+
+def test_json_that_grows_past_the_limit_when_written_compact_is_413(project):
+    body = b"[" + b",".join([b"1e15"] * 13000) + b"]"  # 65 KB as sent, 234 KB written out
+    assert len(body) <= 65536
+    assert _rf_post(project, body, content_type="application/json").status_code == 413
