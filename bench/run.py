@@ -346,6 +346,7 @@ class Ours:
             "DJANGO_WS_REDIS_URL": self.redis.url,
             "DJANGO_WS_SECRET": self.secret,
             "DJANGO_DEBUG": "0",
+            "EXAMPLE_FACILITIES": "bench",  # the example allows its own facilities only
         }
 
     def prepare(self, max_n: int) -> None:

@@ -67,4 +67,14 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                 id="django_ws.E003",
             )
         )
+    if conf.client_publish and conf.facilities is None:
+        problems.append(
+            Error(
+                "DJANGO_WS['CLIENT_PUBLISH'] lets browsers publish, but DJANGO_WS['FACILITIES'] is not set: "
+                "any client may then create any number of facilities, each with its own history in Redis",
+                hint="List the facilities clients may use in DJANGO_WS['FACILITIES'], as names or glob "
+                "patterns (e.g. ['chat', 'room-*']).",
+                id="django_ws.E005",
+            )
+        )
     return problems

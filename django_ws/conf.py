@@ -7,8 +7,10 @@ raises ImproperlyConfigured naming the bad setting; the system checks call it to
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,9 +22,11 @@ from django.dispatch import receiver
 from django.utils.module_loading import import_string
 
 from uwsgi_ws.config import DEFAULT_REDIS_URL
-from uwsgi_ws.exceptions import ConfigurationError
-from uwsgi_ws.protocol import Limits, validate_prefix
+from uwsgi_ws.exceptions import BadRequest, ConfigurationError
+from uwsgi_ws.protocol import Limits, validate_facility, validate_prefix
 from uwsgi_ws.redis_url import check_publish_command, check_url
+
+from .origins import Origin, OriginPattern, parse_origin_pattern
 
 DEFAULTS: dict[str, Any] = {
     # Where Redis is. Default: $DJANGO_WS_REDIS_URL, else the local server.
@@ -33,13 +37,17 @@ DEFAULTS: dict[str, Any] = {
     # channel's last message. 0 disables history (and therefore recovery).
     "HISTORY_SIZE": 100,
     "HISTORY_TTL": 900,
+    # Bytes of history kept per channel (the oldest go first); None: no byte cap.
+    "HISTORY_MAX_BYTES": 1 << 20,
     # Seconds between server heartbeats (a ping and a heartbeat frame).
     "HEARTBEAT": 20,
-    # Origins allowed to open websockets; None means the request's own host only.
+    # Origins allowed besides the request's own and CSRF_TRUSTED_ORIGINS
+    # ("https://example.com", "https://*.example.com", or "*" for any).
     "ALLOWED_ORIGINS": None,
-    # Accept handshakes without an Origin header (non-browser clients send none).
+    # Accept requests without an Origin header (non-browser clients send none).
     "ALLOW_MISSING_ORIGIN": True,
-    # Facility names allowed; None allows any valid name.
+    # Facility names allowed, or glob patterns of them ("room-*"); None allows any
+    # valid name.
     "FACILITIES": None,
     # Dotted path to the authorization hook, see django_ws.auth.
     "AUTHORIZE": "django_ws.auth.default_authorize",
@@ -47,7 +55,8 @@ DEFAULTS: dict[str, Any] = {
     "CLIENT_PUBLISH": (),
     # Largest message a client may send, in bytes.
     "MAX_MESSAGE_SIZE": 65536,
-    # Client publishes: messages per second and burst size, per connection.
+    # Client publishes: messages per second and burst size (POSTs: per client, in
+    # Redis, across processes and instances; websocket frames: per connection).
     "RATE_LIMIT": (10, 20),
     # Slow consumers: a connection whose unsent data exceeds either bound is closed.
     "SEND_QUEUE_MESSAGES": 1000,
@@ -78,6 +87,46 @@ DEFAULTS: dict[str, Any] = {
 }
 
 AUDIENCE_NAMES = ("broadcast", "user", "group", "session")
+_GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class Facilities:
+    """The allowed facilities: exact names and glob patterns (``in`` tests a name)."""
+
+    names: frozenset[str]
+    patterns: tuple[str, ...]
+    _matcher: re.Pattern[str] | None
+
+    @classmethod
+    def parse(cls, entries: Any) -> Facilities:
+        """Read ``FACILITIES``; raise ImproperlyConfigured naming a bad entry."""
+        if isinstance(entries, str) or not isinstance(entries, (list, tuple, set, frozenset)):
+            raise ImproperlyConfigured(
+                "DJANGO_WS['FACILITIES'] must be a list of facility names or glob patterns "
+                "(e.g. ['chat', 'room-*']), or None to allow any valid name"
+            )
+        names, patterns = set(), []
+        for entry in entries:
+            if not isinstance(entry, str) or not entry:
+                raise ImproperlyConfigured(f"DJANGO_WS['FACILITIES']: {entry!r} is not a facility name or pattern")
+            if _GLOB_CHARS & set(entry):
+                patterns.append(entry)
+                continue
+            try:
+                names.add(validate_facility(entry))
+            except BadRequest:
+                raise ImproperlyConfigured(
+                    f"DJANGO_WS['FACILITIES']: {entry!r} can never be requested: a facility is 1 to 64 "
+                    "letters, digits, '_', '-' and '.', starting with a letter or digit, without '..'"
+                ) from None
+        matcher = re.compile("|".join(fnmatch.translate(p) for p in patterns)) if patterns else None
+        return cls(frozenset(names), tuple(patterns), matcher)
+
+    def __contains__(self, facility: object) -> bool:
+        if not isinstance(facility, str):
+            return False
+        return facility in self.names or (self._matcher is not None and self._matcher.match(facility) is not None)
 
 
 @dataclass(frozen=True)
@@ -89,10 +138,11 @@ class WsSettings:
     prefix: str
     history_size: int
     history_ttl: float
+    history_max_bytes: int  # 0: no byte cap
     heartbeat: float
-    allowed_origins: tuple[str, ...] | None
+    allowed_origins: tuple[OriginPattern, ...]  # ALLOWED_ORIGINS and CSRF_TRUSTED_ORIGINS
     allow_missing_origin: bool
-    facilities: frozenset[str] | None
+    facilities: Facilities | None
     authorize: Callable[..., bool]
     client_publish: frozenset[str]
     max_message_size: int
@@ -120,7 +170,12 @@ class WsSettings:
             heartbeat=self.heartbeat,
             history_size=self.history_size,
             history_ttl=self.history_ttl,
+            history_max_bytes=self.history_max_bytes,
         )
+
+    def origin_allowed(self, origin: Origin) -> bool:
+        """Tell whether ``origin`` is listed (the request's own origin is checked apart)."""
+        return any(pattern.matches(origin) for pattern in self.allowed_origins)
 
 
 _cached: WsSettings | None = None
@@ -141,7 +196,7 @@ def get_settings() -> WsSettings:
 @receiver(setting_changed)
 def _reset(setting: str, **kwargs: Any) -> None:
     global _cached
-    if setting in ("DJANGO_WS", "WEBSOCKET_URL", "SECRET_KEY"):
+    if setting in ("DJANGO_WS", "WEBSOCKET_URL", "SECRET_KEY", "CSRF_TRUSTED_ORIGINS"):
         _cached = None
 
 
@@ -170,20 +225,10 @@ def _read() -> WsSettings:
     except ValueError as exc:
         raise ImproperlyConfigured(f"DJANGO_WS['PREFIX']: {exc}") from None
 
-    origins = s["ALLOWED_ORIGINS"]
-    if origins is not None:
-        if isinstance(origins, str) or not all(isinstance(o, str) for o in origins):
-            raise ImproperlyConfigured(
-                "DJANGO_WS['ALLOWED_ORIGINS'] must be a list of origins such as "
-                "['https://example.com'], or None for the request's own host"
-            )
-        origins = tuple(o.rstrip("/").lower() for o in origins)
+    origins = _origin_patterns(s["ALLOWED_ORIGINS"], "DJANGO_WS['ALLOWED_ORIGINS']", any_allowed=True)
+    origins += _origin_patterns(getattr(settings, "CSRF_TRUSTED_ORIGINS", None), "CSRF_TRUSTED_ORIGINS")
 
-    facilities = s["FACILITIES"]
-    if facilities is not None:
-        if isinstance(facilities, str):
-            raise ImproperlyConfigured("DJANGO_WS['FACILITIES'] must be a list of names, or None")
-        facilities = frozenset(facilities)
+    facilities = None if s["FACILITIES"] is None else Facilities.parse(s["FACILITIES"])
 
     hook = s["AUTHORIZE"]
     if isinstance(hook, str):
@@ -201,9 +246,23 @@ def _read() -> WsSettings:
         )
 
     rate = s["RATE_LIMIT"]
-    if not (isinstance(rate, (tuple, list)) and len(rate) == 2 and all(_number(x) and x >= 0 for x in rate)):
+    if not (
+        isinstance(rate, (tuple, list))
+        and len(rate) == 2
+        and all(_number(x) and x >= 0 for x in rate)
+        and (rate[0] == 0 or rate[1] >= 1)
+    ):
         raise ImproperlyConfigured(
-            "DJANGO_WS['RATE_LIMIT'] must be (messages per second, burst), e.g. (10, 20); (0, 0) disables the limit"
+            "DJANGO_WS['RATE_LIMIT'] must be (messages per second, burst), e.g. (10, 20), with a burst of at "
+            f"least 1; (0, 0) disables the limit; not {rate!r}"
+        )
+    history_max_bytes = s["HISTORY_MAX_BYTES"]
+    if history_max_bytes is None:
+        history_max_bytes = 0
+    elif not isinstance(history_max_bytes, int) or isinstance(history_max_bytes, bool) or history_max_bytes < 1:
+        raise ImproperlyConfigured(
+            f"DJANGO_WS['HISTORY_MAX_BYTES'] must be a positive number of bytes, or None for no byte cap, "
+            f"not {history_max_bytes!r}"
         )
 
     secret = s["TICKET_SECRET"] or os.environ.get("DJANGO_WS_SECRET")
@@ -223,6 +282,7 @@ def _read() -> WsSettings:
         prefix=prefix,
         history_size=_int(s, "HISTORY_SIZE", 0),
         history_ttl=_positive(s, "HISTORY_TTL"),
+        history_max_bytes=history_max_bytes,
         heartbeat=_positive(s, "HEARTBEAT"),
         allowed_origins=origins,
         allow_missing_origin=bool(s["ALLOW_MISSING_ORIGIN"]),
@@ -244,6 +304,29 @@ def _read() -> WsSettings:
         disconnect_on_logout=bool(s["DISCONNECT_ON_LOGOUT"]),
         max_connection_age=None if s["MAX_CONNECTION_AGE"] is None else _positive(s, "MAX_CONNECTION_AGE"),
     )
+
+
+def _origin_patterns(value: Any, name: str, *, any_allowed: bool = False) -> tuple[OriginPattern, ...]:
+    """Read a list of allowed origins (``name`` is the setting, for the messages).
+
+    ``"*"`` (any origin) is ours: in ``CSRF_TRUSTED_ORIGINS`` Django gives it no
+    meaning, so it is refused there rather than read as "everyone".
+    """
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
+        raise ImproperlyConfigured(
+            f"{name} must be a list of origins such as ['https://example.com', 'https://*.example.com'], not {value!r}"
+        )
+    patterns = []
+    for entry in value:
+        if entry == "*" and not any_allowed:
+            raise ImproperlyConfigured(f"{name}: '*' is not an origin; list the sites, e.g. 'https://*.example.com'")
+        try:
+            patterns.append(parse_origin_pattern(entry))
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"{name}: {exc}") from None
+    return tuple(patterns)
 
 
 def _addresses(value: Any) -> tuple[str, ...]:

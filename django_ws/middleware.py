@@ -18,13 +18,15 @@ ticket. Then, depending on the server:
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import math
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from urllib.parse import urlsplit
+from typing import Any
 
 from django.core.exceptions import DisallowedHost
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -39,8 +41,10 @@ from uwsgi_ws.protocol import (
     channel_label,
     channel_name,
     check_handshake,
+    encode_payload,
     parse_event_id,
     parse_query,
+    rate_key,
     sign_ticket,
     validate_facility,
     wants_event_stream,
@@ -49,6 +53,7 @@ from uwsgi_ws.protocol import (
 from .conf import WsSettings, get_settings
 from .identity import client_identity, session_digest
 from .logout import close_ended_sessions, watch_session
+from .origins import Origin, parse_origin, split_host
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +68,12 @@ _thread = threading.local()
 # The id of the event stream that POSTs (its "ready" event's sender): the stream then
 # does not get its own messages back, as a websocket without ``echo`` does not.
 _SENDER_RE = re.compile(r"[0-9a-f]{1,64}")
+# What a POST may carry: its Content-Type -> how it is published.
+_BODY_KINDS = {"text/plain": "text", "application/json": "json", "application/octet-stream": "binary"}
+_CONTENT_LENGTH_RE = re.compile(r"[0-9]+")
+# Values of Sec-Fetch-Site (sent by browsers; no page can set it) for a request that a
+# page of another origin made.
+_OTHER_SITES = frozenset({"cross-site", "same-site"})
 
 
 def thread_slot() -> str:
@@ -114,7 +125,7 @@ class WebSocketMiddleware:
         """
         stream = wants_event_stream(request.method or "", request.META)
         key = "" if stream else check_handshake(request.method or "", request.META)
-        check_origin(request, conf)
+        check_origin(request, conf, stream=stream)
         validate_facility(facility)
         if conf.facilities is not None and facility not in conf.facilities:
             raise BadRequest(f"unknown facility {facility!r}", status=404)
@@ -158,16 +169,20 @@ class WebSocketMiddleware:
         """Publish the body of a POST to the audiences of its ``publish-*`` parameters.
 
         This is how event-stream clients (and any HTTP client) publish, with the same
-        rights as a websocket's ``publish-*``, and CSRF protection.
+        rights as a websocket's ``publish-*``, CSRF protection, and a rate limit per
+        client shared by every process through Redis. The body is ``text/plain``
+        (UTF-8), ``application/json`` (validated, delivered as the JSON value) or
+        ``application/octet-stream`` (binary); form bodies are refused, so that a
+        form's fields (its CSRF token among them) are never broadcast.
 
         Raises:
-            BadRequest: bad facility, query or body; Refused: CSRF, origin or rights.
+            BadRequest: bad facility, query, length or body (400, 404, 411, 413, 415).
+            Refused: CSRF, origin or rights (403).
         """
         from django.middleware.csrf import CsrfViewMiddleware
 
-        if int(request.META.get("CONTENT_LENGTH") or 0) > conf.max_message_size:
-            raise BadRequest(f"message larger than {conf.max_message_size} bytes", status=413)
-        body = request.body  # read first: the CSRF check may parse a form body
+        body_kind = _body_kind(request)
+        body = _read_body(request, conf.max_message_size)
         refusal = CsrfViewMiddleware(self.get_response).process_view(request, _csrf_protected, (), {})
         if refusal is not None:
             raise Refused("CSRF verification failed")
@@ -186,29 +201,31 @@ class WebSocketMiddleware:
             for audience in resolve(request, kind, "publish"):
                 _require(conf, request, facility, "publish", audience)
                 channels.append(channel_name(conf.prefix, facility, audience))
-        if request.content_type == "application/octet-stream":
-            kind_, payload = KIND_BINARY, body
-        else:
-            try:
-                body.decode("utf-8")
-            except UnicodeDecodeError:
-                raise BadRequest("text messages must be UTF-8; send binary as application/octet-stream") from None
-            kind_, payload = KIND_TEXT, body
+        kind_, payload = _message(body_kind, body, conf.max_message_size)
         from uwsgi_ws.store import Store
 
         from .publishing import get_redis
 
+        identity = client_identity(request)
+        store = Store(get_redis(), publish_command=conf.publish_command)
         try:
-            published = Store(get_redis(), publish_command=conf.publish_command).publish(
+            allowance = store.allow(rate_key(conf.prefix, identity), rate=conf.rate, burst=conf.burst)
+            if not allowance:
+                logger.debug("publish from %s refused: rate limit", identity)
+                response = _plain(429, "too many messages: slow down")
+                response["Retry-After"] = str(max(1, math.ceil(allowance.retry_after)))
+                return response
+            published = store.publish(
                 channels,
                 kind_,
                 payload,
                 sender=sender.encode("ascii"),
                 history_size=conf.history_size,
                 history_ttl=conf.history_ttl,
+                history_max_bytes=conf.history_max_bytes,
             )
         except PublishError as exc:
-            logger.error("publish from %s failed: %s", client_identity(request), exc)
+            logger.error("publish from %s failed: %s", identity, exc)
             return _plain(503, "message not published: server unavailable")
         answer = [{"channel": channel_label(p.channel), "offset": p.offset, "epoch": p.epoch} for p in published]
         return JsonResponse({"published": answer})
@@ -254,28 +271,177 @@ def _next_address(addresses: tuple[str, ...]) -> str:
     return next(turn)  # itertools.cycle is atomic under the GIL
 
 
-def check_origin(request: HttpRequest, conf: WsSettings) -> None:
+def check_origin(request: HttpRequest, conf: WsSettings, *, stream: bool = False) -> None:
     """Refuse cross-site websocket hijacking: the Origin must be allowed.
+
+    An origin is a scheme, a host and a port, all three compared, as Django's CSRF
+    check does: the request's own origin (``https`` when ``request.is_secure()``,
+    which honours ``SECURE_PROXY_SSL_HEADER``; the host from ``request.get_host()``),
+    ``ALLOWED_ORIGINS`` and ``CSRF_TRUSTED_ORIGINS`` (wildcard subdomains included).
+    ``null`` and anything that is not ``scheme://host[:port]`` are refused.
+
+    Without an Origin: a request that a browser made for a page of another origin
+    (``Sec-Fetch-Site: cross-site`` or ``same-site``) is refused; an event stream
+    that the browser marks ``Sec-Fetch-Site: same-origin`` is the page's own
+    ``EventSource`` (browsers send no Origin on a same-origin GET); anything else is
+    accepted only under ``ALLOW_MISSING_ORIGIN``.
+
+    Args:
+        stream: the request asks for an event stream.
 
     Raises:
         Refused: the Origin is not allowed (or missing, when that is not allowed).
+        BadRequest: the Host header is not in ``ALLOWED_HOSTS``.
     """
-    origin = request.META.get("HTTP_ORIGIN")
-    if origin is None:
+    header = request.META.get("HTTP_ORIGIN")
+    if header is None:
+        fetch_site = request.META.get("HTTP_SEC_FETCH_SITE", "").strip().lower()
+        if fetch_site in _OTHER_SITES:
+            raise Refused("a request made by a page of another origin must carry an Origin")
+        if stream and fetch_site == "same-origin":
+            return
         if conf.allow_missing_origin:
             return
         raise Refused("an Origin header is required")
-    origin = origin.strip().rstrip("/").lower()
-    if conf.allowed_origins is not None:
-        if "*" in conf.allowed_origins or origin in conf.allowed_origins:
-            return
-        raise Refused("origin not allowed")
+    origin = parse_origin(header)
+    if origin is None:
+        raise Refused("malformed or opaque Origin: expected scheme://host[:port]")
+    if conf.origin_allowed(origin):
+        return
+    own = _own_origin(request)
+    if origin == own:
+        return
+    if origin.scheme == "https" and own.scheme == "http" and origin.host == own.host:
+        logger.warning(
+            "origin %s refused: Django sees this request as plain http; behind a proxy that terminates TLS, "
+            "set SECURE_PROXY_SSL_HEADER",
+            origin,
+        )
+    raise Refused("origin not allowed")
+
+
+def _own_origin(request: HttpRequest) -> Origin:
+    """The origin of the site the request was sent to, as a page of it would name it."""
     try:
-        host = request.get_host().lower()
+        host = request.get_host()
     except DisallowedHost:
         raise BadRequest("invalid Host header") from None
-    if urlsplit(origin).netloc != host:
-        raise Refused("origin not allowed")
+    scheme = "https" if request.is_secure() else "http"
+    name, port = split_host(host)
+    return Origin(scheme, name, port if port is not None else (443 if scheme == "https" else 80))
+
+
+def _body_kind(request: HttpRequest) -> str:
+    """How a POST's body is published, from its Content-Type.
+
+    Raises:
+        BadRequest: 415 for any other type (forms among them) or charset.
+    """
+    kind = _BODY_KINDS.get(request.content_type or "")
+    if kind is None:
+        raise BadRequest(
+            "send the message as text/plain (UTF-8), application/json or application/octet-stream",
+            status=415,
+        )
+    charset = {k.lower(): v for k, v in request.content_params.items()}.get("charset")
+    if kind != "binary" and charset is not None and charset.lower().replace("-", "") != "utf8":
+        raise BadRequest("text and JSON messages must be UTF-8", status=415)
+    return kind
+
+
+def _read_body(request: HttpRequest, limit: int) -> bytes:
+    """Read a POST's body, never more than ``limit`` bytes of it.
+
+    The length is checked before anything is read: a malformed ``Content-Length``
+    is a 400 and a larger one a 413. A chunked body (no length) is read as far as
+    ``limit`` and one byte more, from servers that decode it (uWSGI, or any server
+    that sets ``wsgi.input_terminated``), so a longer one is a 413 too; servers that
+    cannot (Django's development server) answer 411.
+
+    Raises:
+        BadRequest: 400, 411 or 413 as above.
+    """
+    meta = request.META
+    length = meta.get("CONTENT_LENGTH") or ""
+    encoding = meta.get("HTTP_TRANSFER_ENCODING", "").strip().lower()
+    if length:
+        if encoding:
+            raise BadRequest("Content-Length and Transfer-Encoding together are ambiguous: send one")
+        if not _CONTENT_LENGTH_RE.fullmatch(length):
+            raise BadRequest("malformed Content-Length")
+        if len(length) > 18 or int(length) > limit:  # 18 digits: int() stays cheap
+            raise BadRequest(f"message larger than {limit} bytes", status=413)
+        return request.body
+    if not encoding:
+        return b""
+    if encoding != "chunked":
+        raise BadRequest("unsupported Transfer-Encoding: send a Content-Length", status=411)
+    read = _chunk_reader(meta)
+    if read is None:
+        raise BadRequest("this server cannot read chunked bodies: send a Content-Length", status=411)
+    parts, size = [], 0
+    while size <= limit:
+        try:
+            part = read(limit + 1 - size)
+        except OSError:
+            raise BadRequest("malformed chunked body") from None
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    if size > limit:
+        raise BadRequest(f"message larger than {limit} bytes", status=413)
+    return b"".join(parts)
+
+
+def _chunk_reader(meta: dict[str, Any]) -> Callable[[int], bytes] | None:
+    """A reader of the decoded body of a chunked request, or None if the server has none."""
+    if meta.get("wsgi.input_terminated"):
+        stream = meta["wsgi.input"]
+        return lambda size: stream.read(min(size, 65536))  # type: ignore[no-any-return]
+    try:
+        import uwsgi
+    except ImportError:
+        return None
+    chunked_read = getattr(uwsgi, "chunked_read", None)
+    if chunked_read is None:
+        return None
+    # One decoded chunk per call (uWSGI bounds a chunk by its chunked-input-limit),
+    # waiting at most 10 seconds for it.
+    return lambda size: chunked_read(10)  # type: ignore[no-any-return]
+
+
+def _message(kind: str, body: bytes, limit: int) -> tuple[bytes, bytes]:
+    """Return (envelope kind, payload) for a POST's body of ``kind``.
+
+    JSON is parsed, then published written compact as ``publish()`` writes it:
+    browsers receive the value, and no raw CR (legal spacing in JSON) reaches an
+    event stream, where it would end the line of data.
+
+    Raises:
+        BadRequest: text that is not UTF-8, JSON that is not valid (400), JSON that
+            grows past ``limit`` when written compact (413).
+    """
+    if kind == "binary":
+        return KIND_BINARY, body
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("text messages must be UTF-8; send binary as application/octet-stream") from None
+    if kind == "text":
+        return KIND_TEXT, body
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+        envelope_kind, payload = encode_payload(value)
+    except (ValueError, TypeError, RecursionError):  # UnicodeEncodeError: a lone surrogate
+        raise BadRequest("the body is not valid JSON") from None
+    if len(payload) > limit:
+        raise BadRequest(f"message larger than {limit} bytes", status=413)
+    return envelope_kind, payload
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def resolve(request: HttpRequest, kind: Kind, action: str) -> list[Audience]:

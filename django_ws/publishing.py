@@ -146,7 +146,14 @@ def _send(channels: list[str], kind: bytes, payload: bytes, *, history_size: int
     delay = conf.publish_retry_delay
     for attempt in range(conf.publish_retries + 1):
         try:
-            return store.publish(channels, kind, payload, history_size=history_size, history_ttl=conf.history_ttl)
+            return store.publish(
+                channels,
+                kind,
+                payload,
+                history_size=history_size,
+                history_ttl=conf.history_ttl,
+                history_max_bytes=conf.history_max_bytes,
+            )
         except PublishError:
             if attempt == conf.publish_retries:
                 raise

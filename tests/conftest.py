@@ -153,6 +153,11 @@ def redis_server(tmp_path_factory):
 # --------------------------------------------------------------------------- Django
 
 
+# What the example project allows (its DJANGO_WS["FACILITIES"]) besides "chat": the
+# facility fixture's names (and names built on them), and the fixed ones of some tests.
+TEST_FACILITIES = ("t" + "[0-9a-f]" * 12 + "*", "f", "helpers", "restart", "reload", "keepalive")
+
+
 @dataclass
 class Project:
     env: dict[str, str]
@@ -185,6 +190,7 @@ def project(redis_server, tmp_path_factory):
         "EXAMPLE_DB": str(db),
         "DJANGO_WS_REDIS_URL": redis_server.url,
         "DJANGO_WS_SECRET": secrets.token_hex(16),
+        "EXAMPLE_FACILITIES": ",".join(TEST_FACILITIES),
     }
     os.environ.update(env)
     sys.path.insert(0, str(EXAMPLE))

@@ -12,6 +12,7 @@ Redis naming
         {prefix:facility:broadcast}            pub/sub channel
         {prefix:facility:user:alice}:meta      hash: epoch, offset
         {prefix:facility:group:staff}:log      stream: the bounded history
+        {prefix:rate:user:42}                  hash: one client's publish-rate bucket
 
     Audience names are percent-encoded so that ``{``, ``}`` and ``:`` in a group
     name cannot break the hash tag or the parsing.
@@ -158,6 +159,15 @@ def log_key(channel: str) -> str:
     return channel + ":log"
 
 
+def rate_key(prefix: str, identity: str) -> str:
+    """Return the key of the publish-rate bucket of one client identity.
+
+    ``identity`` is who publishes (``user:<pk>``, ``session:<digest>``, ``addr:<ip>``),
+    never a secret. The key is its own hash tag, so the rate script touches one slot.
+    """
+    return "{" + f"{prefix}:rate:{quote(identity, safe=_AUDIENCE_SAFE + ':')}" + "}"
+
+
 # --------------------------------------------------------------------------- query
 
 SUBSCRIBE_FLAGS = {
@@ -292,6 +302,9 @@ class Limits:
     heartbeat: float = 20.0
     history_size: int = 100
     history_ttl: float = 900.0
+    # Bytes of history kept per channel (0: no cap). Last, with a default: tickets
+    # signed before it existed still parse.
+    history_max_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -356,6 +369,7 @@ class Ticket:
                 self.limits.heartbeat,
                 self.limits.history_size,
                 self.limits.history_ttl,
+                self.limits.history_max_bytes,
             ],
             "x": self.expires,
             "t": self.stream,

@@ -47,7 +47,7 @@ from .core import (
 )
 from .exceptions import PublishError, RedisUnavailable
 from .hub import Hub
-from .protocol import Envelope, Position, Ticket
+from .protocol import Envelope, Position, Ticket, rate_key
 from .store import Store
 from .transport import Transport
 
@@ -242,6 +242,11 @@ class Session:
     def _publish(self, action: Publish) -> str | None:
         limits = self.ticket.limits
         try:
+            # The core's own limiter stopped this connection's floods; this bucket is
+            # the client's, shared with its other connections and its POSTs.
+            key = rate_key(self.ticket.prefix, self.ticket.identity)
+            if not self.store.allow(key, rate=limits.rate, burst=limits.burst):
+                return "rate_limited"
             self.store.publish(
                 self.ticket.publish,
                 action.kind,
@@ -249,6 +254,7 @@ class Session:
                 sender=self.id,
                 history_size=limits.history_size,
                 history_ttl=limits.history_ttl,
+                history_max_bytes=limits.history_max_bytes,
             )
         except PublishError as exc:
             logger.error("publish from %s failed: %s", self.ticket.identity, exc)

@@ -21,10 +21,17 @@ from .protocol import Envelope, Position, decode_envelope, log_key, meta_key
 logger = logging.getLogger(__name__)
 
 # KEYS: meta hash, history stream, pub/sub channel.
-# ARGV: sender, kind, payload, history size, ttl in ms, publish command.
+# ARGV: sender, kind, payload, history size, ttl in ms, publish command, history
+# byte cap (0: none).
 # A missing meta hash means the channel is new or Redis lost it: start a new epoch
 # (from the server clock, so it differs after a restart) and drop any stale history,
 # whose ids would otherwise collide with the restarted offsets.
+# The meta hash's 'bytes' is the summed length of the envelopes kept in the stream.
+# The oldest entries go first, until both the count and the byte cap hold; a message
+# larger than the cap by itself leaves the history empty, so a client that needed
+# any of it is told honestly that it could not be recovered (its offsets are gone).
+# A stream with no entries (expired on its own after history-less publishes) holds
+# no bytes, whatever the counter says.
 PUBLISH_LUA = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
@@ -39,12 +46,77 @@ local id = string.format('%d', offset)
 local envelope = ARGV[1] .. '\\n' .. ARGV[2] .. '\\n' .. id .. '\\n' .. epoch .. '\\n' .. ARGV[3]
 local size = tonumber(ARGV[4])
 if size > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', size, id .. '-0', 'e', envelope)
+  local cap = tonumber(ARGV[7])
+  local count = redis.call('XLEN', KEYS[2])
+  local kept = 0
+  if count > 0 then
+    local counted = redis.call('HGET', KEYS[1], 'bytes')
+    if counted then
+      kept = tonumber(counted)
+    else
+      -- history written before bytes were counted: count it once
+      for _, entry in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
+        kept = kept + #entry[2][2]
+      end
+    end
+  end
+  redis.call('XADD', KEYS[2], id .. '-0', 'e', envelope)
+  count = count + 1
+  kept = kept + #envelope
+  while count > 0 and (count > size or (cap > 0 and kept > cap)) do
+    local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+    if #oldest == 0 then
+      kept = 0
+      break
+    end
+    kept = kept - #oldest[1][2][2]
+    redis.call('XDEL', KEYS[2], oldest[1][1])
+    count = count - 1
+  end
+  if count == 0 then
+    kept = 0
+  end
+  redis.call('HSET', KEYS[1], 'bytes', string.format('%d', kept))
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 local receivers = redis.call(ARGV[6], KEYS[3], envelope)
 return {offset, epoch, receivers}
+"""
+
+# KEYS: one client's rate bucket (a hash: tokens, stamp).
+# ARGV: tokens per second, burst.
+# A token bucket refilled from the Redis server's clock, so every process and
+# instance sharing the Redis shares one bucket per client whatever their clocks. A
+# clock that steps back refills nothing. The key lives until the bucket would be full
+# again: an absent bucket is a full one, so idle clients leave nothing behind.
+# Returns {1, '0'} when a token was taken, else {0, seconds until the next one}.
+RATE_LUA = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens = tonumber(state[1])
+local stamp = tonumber(state[2])
+if tokens == nil or stamp == nil then
+  tokens = burst
+  stamp = now
+elseif now > stamp then
+  tokens = math.min(burst, tokens + (now - stamp) * rate)
+  stamp = now
+end
+local allowed = 0
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+else
+  wait = (1 - tokens) / rate
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'stamp', string.format('%.6f', stamp))
+redis.call('PEXPIRE', KEYS[1], string.format('%d', math.ceil((burst - tokens) / rate * 1000) + 1000))
+return {allowed, string.format('%.6f', wait)}
 """
 
 # KEYS: meta hash, history stream.
@@ -128,6 +200,23 @@ class _Script:
 
 _PUBLISH = _Script(PUBLISH_LUA)
 _FETCH = _Script(FETCH_LUA)
+_RATE = _Script(RATE_LUA)
+
+
+@dataclass(frozen=True)
+class Allowance:
+    """The answer of :meth:`Store.allow`: true when the client may publish now.
+
+    Attributes:
+        allowed: a token was taken; publish.
+        retry_after: when refused, seconds until the next token (0.0 when allowed).
+    """
+
+    allowed: bool
+    retry_after: float = 0.0
+
+    def __bool__(self) -> bool:
+        return self.allowed
 
 
 class Store:
@@ -151,19 +240,24 @@ class Store:
         sender: bytes = b"",
         history_size: int,
         history_ttl: float,
+        history_max_bytes: int = 0,
     ) -> list[Published]:
         """Append to each channel's history and publish, in one round trip.
+
+        Args:
+            history_size: messages kept per channel (0: this one is not kept).
+            history_ttl: seconds the channel's state lives after this message.
+            history_max_bytes: bytes of envelopes kept per channel (0: no cap); the
+                oldest go first, as with ``history_size``.
 
         Raises:
             PublishError: Redis could not be reached or refused the message.
         """
         channels = list(dict.fromkeys(channels))
         ttl_ms = max(1, int(history_ttl * 1000))
+        size, cap = max(0, int(history_size)), max(0, int(history_max_bytes))
         calls = [
-            (
-                (meta_key(c), log_key(c), c),
-                (sender, kind, payload, max(0, int(history_size)), ttl_ms, self.publish_command),
-            )
+            ((meta_key(c), log_key(c), c), (sender, kind, payload, size, ttl_ms, self.publish_command, cap))
             for c in channels
         ]
         try:
@@ -187,6 +281,40 @@ class Store:
             return bool(self.client.set(key, b"1", nx=True, px=max(1000, int(ttl * 1000))))
         except (RedisError, RedisClusterException) as exc:
             raise RedisUnavailable(f"could not claim a ticket: Redis error {type(exc).__name__}") from exc
+
+    def allow(self, key: str, *, rate: float, burst: int) -> Allowance:
+        """Take one publish token from the bucket ``key``, if it has one.
+
+        One token bucket per client, kept in Redis: every process and instance that
+        shares the Redis shares the bucket, and the time comes from the Redis server,
+        never from the caller's clock. An idle bucket expires once it would be full.
+
+        Args:
+            key: the bucket, from :func:`uwsgi_ws.protocol.rate_key` (prefix and
+                client identity).
+            rate: tokens added per second; ``0`` (or less) disables the limit and
+                touches no Redis.
+            burst: the bucket's size: how many messages may go at once (>= 1).
+
+        Returns:
+            An :class:`Allowance`, true when the message may be published; when
+            false, its ``retry_after`` says how long until the next token.
+
+        Raises:
+            ValueError: ``burst`` is below 1 while ``rate`` is positive.
+            PublishError: Redis could not be reached.
+        """
+        if rate <= 0:
+            return Allowance(True)
+        if burst < 1:
+            raise ValueError(f"a rate limit needs a burst of at least 1, not {burst!r}")
+        try:
+            [(allowed, wait)] = _RATE.run_many(self.client, [((key,), (repr(float(rate)), str(int(burst))))])
+        except (RedisError, RedisClusterException) as exc:
+            raise PublishError(f"could not check the publish rate: Redis error {type(exc).__name__}: {exc}") from exc
+        if int(allowed):
+            return Allowance(True)
+        return Allowance(False, float(_text(wait)))
 
     def fetch(self, requests: Sequence[tuple[str, Position | None, bool]]) -> list[ChannelState]:
         """Read the state of several channels in one round trip.

@@ -67,13 +67,26 @@ LOGIN_URL = "/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/"
 
+# Behind a proxy that terminates TLS and sets X-Forwarded-Proto (nginx in the README):
+# pages and the Origin check then see https. Only where that proxy is the sole way in.
+if os.environ.get("EXAMPLE_BEHIND_TLS_PROXY") == "1":
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if o]
+
 WEBSOCKET_URL = "/ws/"
+_rate, _burst = os.environ.get("DJANGO_WS_RATE_LIMIT", "10,20").split(",")
 DJANGO_WS = {
-    # Logged-in users may publish from their browser to these audiences.
+    # Logged-in users may publish from their browser to these audiences...
     "CLIENT_PUBLISH": ("broadcast", "user", "group"),
+    # ... of these facilities only (EXAMPLE_FACILITIES adds comma-separated names or
+    # glob patterns: the test suite's own facilities).
+    "FACILITIES": ["chat", *(f for f in os.environ.get("EXAMPLE_FACILITIES", "").split(",") if f)],
     "HISTORY_SIZE": int(os.environ.get("DJANGO_WS_HISTORY_SIZE", "100")),
     "HISTORY_TTL": float(os.environ.get("DJANGO_WS_HISTORY_TTL", "900")),
+    "HISTORY_MAX_BYTES": int(os.environ.get("DJANGO_WS_HISTORY_MAX_BYTES", str(1 << 20))),
     "HEARTBEAT": float(os.environ.get("DJANGO_WS_HEARTBEAT", "20")),
+    "RATE_LIMIT": (float(_rate), int(_burst)),
+    "ALLOW_MISSING_ORIGIN": os.environ.get("DJANGO_WS_ALLOW_MISSING_ORIGIN", "1") == "1",
 }
 # More websocket instances than the one uwsgi.ini.example starts (comma-separated
 # addresses): hand-overs take turns. Default: $DJANGO_WS_OFFLOAD_TO, that one instance.
