@@ -109,7 +109,8 @@ class SlowClients:
     One thread drives them all: every ``interval`` it sends each open connection one
     more piece (a header line, or one byte of the body), and in between it reads what
     the server sends; a connection the server closes is recorded with how long it
-    lasted. Everything stops, and every socket is closed, when the block ends.
+    lasted, and with ``reconnect`` replaced by a new one, as a real attacker would.
+    Everything stops, and every socket is closed, when the block ends.
     """
 
     port: int
@@ -117,6 +118,7 @@ class SlowClients:
     facility: str
     interval: float = INTERVAL
     host: str = "127.0.0.1"
+    reconnect: bool = False
     connections: list[SlowConnection] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -128,14 +130,7 @@ class SlowClients:
         try:
             for kind, count in self.counts.items():
                 for _ in range(count):
-                    # connect() completes in the kernel's listen queue even when the
-                    # server accepts nothing: this never waits on the server.
-                    sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
-                    sock.sendall(request_start(kind, self.host, self.facility))
-                    sock.setblocking(False)
-                    conn = SlowConnection(kind, sock, time.monotonic())
-                    self.connections.append(conn)
-                    self._selector.register(sock, selectors.EVENT_READ, conn)
+                    self._open(kind)
         except BaseException:
             self._close_all()
             raise
@@ -156,9 +151,22 @@ class SlowClients:
     def of(self, kind: str) -> list[SlowConnection]:
         return [c for c in self.connections if c.kind == kind]
 
+    def _open(self, kind: str) -> None:
+        # connect() completes in the kernel's listen queue even when the server
+        # accepts nothing: this never waits on the server.
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        sock.sendall(request_start(kind, self.host, self.facility))
+        sock.setblocking(False)
+        conn = SlowConnection(kind, sock, time.monotonic())
+        self.connections.append(conn)
+        self._selector.register(sock, selectors.EVENT_READ, conn)
+
     def _closed(self, conn: SlowConnection) -> None:
         conn.closed_after = time.monotonic() - conn.opened
         self._selector.unregister(conn.sock)
+        conn.sock.close()
+        if self.reconnect and not self._stop.is_set():
+            self._open(conn.kind)
 
     def _read(self, conn: SlowConnection) -> None:
         try:
@@ -183,7 +191,7 @@ class SlowClients:
             if time.monotonic() < next_piece:
                 continue
             n += 1
-            for conn in self.connections:
+            for conn in list(self.connections):
                 if conn.closed_after is not None:
                     continue
                 try:
