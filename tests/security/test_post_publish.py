@@ -512,3 +512,26 @@ def test_json_that_grows_past_the_limit_when_written_compact_is_413(project):
     body = b"[" + b",".join([b"1e15"] * 13000) + b"]"  # 65 KB as sent, 234 KB written out
     assert len(body) <= 65536
     assert _rf_post(project, body, content_type="application/json").status_code == 413
+
+
+@pytest.mark.timeout(120)
+def test_websockets_and_posts_of_a_client_share_one_bucket(limited, project, facility):
+    # The client spends its burst (5) with POSTs; its websockets, on another front
+    # instance, then find the bucket empty: every frame is refused (and, if it keeps
+    # sending, the connection is closed with 1008) until tokens come back.
+    pk, session = new_session(project)
+    started = time.monotonic()
+    statuses = [post(limited[0].port, f"/ws/{facility}?publish-broadcast", b"p", session=session)[0] for _ in range(5)]
+    assert statuses == [200] * 5
+    ws = WS(limited[1].url(f"/ws/{facility}?publish-broadcast&subscribe-broadcast&echo"), session=session)
+    ws.ready()
+    for i in range(3):
+        ws.send(f"frame {i}")
+    frames = [ws.next() for _ in range(3)]
+    elapsed = time.monotonic() - started
+    refused = [f for f in frames if f["type"] == "error" and f["code"] == "rate_limited"]
+    published = [f for f in frames if f["type"] == "message"]
+    # At most the tokens regained since the burst (0.5 per second) went through.
+    assert len(published) <= math.ceil(0.5 * elapsed), (frames, elapsed)
+    assert len(refused) >= 3 - math.ceil(0.5 * elapsed) and refused, frames
+    ws.close()
