@@ -150,6 +150,19 @@ def redis_server(tmp_path_factory):
     stop(server.proc, signal.SIGTERM)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rate_buckets(request):
+    """Empty the per-client publish buckets after each test that used the shared Redis:
+    the suite's users (alice, bob, carol) publish in many tests, which must not
+    inherit each other's rate limit."""
+    yield
+    if "redis_server" in request.fixturenames:
+        client = request.getfixturevalue("redis_server").client()
+        keys = list(client.scan_iter("{ws:rate:*"))
+        if keys:
+            client.delete(*keys)
+
+
 # --------------------------------------------------------------------------- Django
 
 
