@@ -6,8 +6,8 @@ Call :func:`publish` from views, management commands or task workers, and
 
 from __future__ import annotations
 
-from uwsgi_ws.exceptions import PublishError
+from uwsgi_ws.exceptions import InvalidArgument, PublishError, UnsupportedType, WebSocketError
 
 from .publishing import disconnect, publish
 
-__all__ = ["disconnect", "publish", "PublishError"]
+__all__ = ["disconnect", "publish", "InvalidArgument", "PublishError", "UnsupportedType", "WebSocketError"]

@@ -14,13 +14,15 @@ from typing import Any
 
 from django.utils.crypto import salted_hmac
 
+from uwsgi_ws.exceptions import UnsupportedType
+
 _SALT = "django_ws.identity.session"
 
 
 def session_digest(session_key: str) -> str:
     """Return the name under which the session ``session_key`` appears outside Django."""
     if not isinstance(session_key, str) or not session_key:
-        raise TypeError(f"a session key must be a non-empty string, not {session_key!r}")
+        raise UnsupportedType(f"a session key must be a non-empty string, not {session_key!r}")
     return salted_hmac(_SALT, session_key, algorithm="sha256").hexdigest()[:40]
 
 

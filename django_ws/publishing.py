@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from uwsgi_ws.exceptions import BadRequest, PublishError
+from uwsgi_ws.exceptions import BadRequest, InvalidArgument, PublishError, UnsupportedType
 from uwsgi_ws.protocol import (
     CLOSE_DISCONNECTED,
     KIND_JSON,
@@ -112,15 +112,16 @@ def publish(
         many websocket workers received it live.
 
     Raises:
-        ValueError: bad facility, or no audience given.
-        TypeError: the message or an audience has a type that cannot be sent.
+        InvalidArgument: bad facility, or no audience given (a ValueError).
+        UnsupportedType: the message or an audience has a type that cannot be sent
+            (a TypeError).
         PublishError: Redis could not be reached; the message was not sent.
     """
     conf = get_settings()
     try:
         validate_facility(facility)
     except BadRequest as exc:
-        raise ValueError(exc.message) from None
+        raise InvalidArgument(exc.message) from None
     user_names = [_name(u, "users", _username) for u in _many(users, "users")]
     group_names = [_name(g, "groups", _group_name) for g in _many(groups, "groups")]
     session_keys = [_name(s, "sessions", _session_key) for s in _many(sessions, "sessions")]
@@ -130,7 +131,9 @@ def publish(
     # A session key never leaves Django: its channel is named by its digest.
     audiences += [Audience(Kind.SESSION, session_digest(k)) for k in session_keys]
     if not audiences:
-        raise ValueError("publish() needs an audience: broadcast=True, users=[...], groups=[...] or sessions=[...]")
+        raise InvalidArgument(
+            "publish() needs an audience: broadcast=True, users=[...], groups=[...] or sessions=[...]"
+        )
     kind, payload = encode_payload(message)
     channels = [channel_name(conf.prefix, facility, a) for a in audiences]
     if _interceptors:
@@ -198,8 +201,8 @@ def disconnect(
         The number of websocket workers that received the order.
 
     Raises:
-        ValueError: no target, or a bad code or reason.
-        TypeError: a target of a type that cannot be named.
+        InvalidArgument: no target, or a bad code or reason (a ValueError).
+        UnsupportedType: a target of a type that cannot be named (a TypeError).
         PublishError: Redis could not be reached; nothing was closed.
     """
     check_close(code, reason)
@@ -210,7 +213,7 @@ def disconnect(
         for s in _many(sessions, "sessions")
     ]
     if not tags:
-        raise ValueError("disconnect() needs a target: users=[...], groups=[...] or sessions=[...]")
+        raise InvalidArgument("disconnect() needs a target: users=[...], groups=[...] or sessions=[...]")
     order = Disconnect(tuple(dict.fromkeys(tags)), code, reason, time.time())
     channel = control_channel(get_settings().prefix)
     published = _send([channel], KIND_JSON, encode_disconnect(order), history_size=CONTROL_HISTORY_SIZE, what="control")
@@ -219,14 +222,14 @@ def disconnect(
 
 def _many(values: Iterable[Any], name: str) -> Iterable[Any]:
     if isinstance(values, (str, bytes)):
-        raise TypeError(f"{name} must be a list, not a single {type(values).__name__}: use {name}=[{values!r}]")
+        raise UnsupportedType(f"{name} must be a list, not a single {type(values).__name__}: use {name}=[{values!r}]")
     return values
 
 
 def _name(value: Any, what: str, get: Any) -> str:
     name = value if isinstance(value, str) else get(value)
     if not isinstance(name, str) or not name:
-        raise TypeError(f"cannot tell the name of {value!r} in {what}")
+        raise UnsupportedType(f"cannot tell the name of {value!r} in {what}")
     return name
 
 

@@ -7,12 +7,17 @@ The hierarchy::
     │   └── Refused           the request is well formed but not allowed (HTTP 403)
     ├── TicketError           a hand-over ticket is missing, forged or expired (HTTP 403)
     ├── PublishError          a message could not be handed to Redis: never a silent loss
+    ├── InvalidArgument       a call got a value it cannot use (also a ValueError)
+    ├── UnsupportedType       a call got a type it cannot use (also a TypeError)
     ├── RedisUnavailable      Redis could not be reached for something other than a publish
     │   └── SubscribeTimeout  Redis did not confirm a subscription in time
     └── ConfigurationError    a setting or environment variable has a bad value
 
 Every exception carries the data in attributes; the text is meant for logs and for
-the short explanation a client receives. It never contains another exception's text.
+the short explanation a client receives. Nothing sent to a client contains another
+exception's text, and neither does an error about Redis: the Redis error is its
+``__cause__``, for the logs. ``InvalidArgument`` and ``UnsupportedType`` are also
+``ValueError`` and ``TypeError``, so code that caught those keeps working.
 """
 
 from __future__ import annotations
@@ -60,6 +65,14 @@ class RedisUnavailable(WebSocketError):
 
 class SubscribeTimeout(RedisUnavailable):
     """Redis did not confirm a subscription in time."""
+
+
+class InvalidArgument(WebSocketError, ValueError):
+    """A call got a value it cannot use (a bad facility, no audience, a bad close code)."""
+
+
+class UnsupportedType(WebSocketError, TypeError):
+    """A call got a type it cannot use (a message that is not text, bytes or JSON)."""
 
 
 class ConfigurationError(WebSocketError):

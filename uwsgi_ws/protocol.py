@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote, unquote_plus
 
-from .exceptions import BadRequest, TicketError
+from .exceptions import BadRequest, InvalidArgument, TicketError, UnsupportedType
 
 __all__ = [
     "Audience",
@@ -455,12 +455,12 @@ class Disconnect:
 def check_close(code: int, reason: str) -> None:
     """Raise ValueError unless ``code`` and ``reason`` can close a connection on order."""
     if type(code) is not int or not 4000 <= code <= 4999 or code in RESERVED_CLOSE_CODES:
-        raise ValueError(
+        raise InvalidArgument(
             f"close code {code!r} cannot be used: pick one in 4000-4999 except "
             f"{', '.join(map(str, sorted(RESERVED_CLOSE_CODES)))} (4100-4199: the browser client does not reconnect)"
         )
     if not isinstance(reason, str) or len(reason.encode("utf-8")) > MAX_REASON_BYTES:
-        raise ValueError(f"the close reason must be a string of at most {MAX_REASON_BYTES} bytes in UTF-8")
+        raise InvalidArgument(f"the close reason must be a string of at most {MAX_REASON_BYTES} bytes in UTF-8")
 
 
 def encode_disconnect(order: Disconnect) -> bytes:
@@ -590,7 +590,7 @@ def encode_payload(message: Any) -> tuple[bytes, bytes]:
     try:
         text = json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise TypeError(
+        raise UnsupportedType(
             f"cannot publish a {type(message).__name__}: pass str, bytes or a JSON-serialisable value ({exc})"
         ) from None
     return KIND_JSON, text.encode("utf-8")

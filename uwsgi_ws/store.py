@@ -15,7 +15,7 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-from .exceptions import PublishError, RedisUnavailable
+from .exceptions import InvalidArgument, PublishError, RedisUnavailable
 from .protocol import Envelope, Position, decode_envelope, log_key, meta_key
 
 logger = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ class Store:
             results = _PUBLISH.run_many(self.client, calls)
         except (RedisError, RedisClusterException) as exc:  # the latter: a Cluster without a node
             raise PublishError(
-                f"could not publish to {len(channels)} channel(s): Redis error {type(exc).__name__}: {exc}"
+                f"could not publish to {len(channels)} channel(s): Redis error {type(exc).__name__}"
             ) from exc
         return [Published(c, int(r[0]), _text(r[1]), int(r[2])) for c, r in zip(channels, results, strict=True)]
 
@@ -307,11 +307,11 @@ class Store:
         if rate <= 0:
             return Allowance(True)
         if burst < 1:
-            raise ValueError(f"a rate limit needs a burst of at least 1, not {burst!r}")
+            raise InvalidArgument(f"a rate limit needs a burst of at least 1, not {burst!r}")
         try:
             [(allowed, wait)] = _RATE.run_many(self.client, [((key,), (repr(float(rate)), str(int(burst))))])
         except (RedisError, RedisClusterException) as exc:
-            raise PublishError(f"could not check the publish rate: Redis error {type(exc).__name__}: {exc}") from exc
+            raise PublishError(f"could not check the publish rate: Redis error {type(exc).__name__}") from exc
         if int(allowed):
             return Allowance(True)
         return Allowance(False, float(_text(wait)))
