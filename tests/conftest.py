@@ -425,3 +425,24 @@ def ws_settings(project):
     yield change
     for override in reversed(overrides):
         override.disable()
+
+
+def many_waiting_for_a_small_pool(client: Any, threads: int = 8, hold: float = 0.3) -> list[BaseException]:
+    """Let ``threads`` threads each hold one of the client's connections for ``hold``
+    seconds at once (a blocking pop that times out); return the errors they met."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def hold_one(i: int) -> None:
+        try:
+            client.blpop(["{pool-test}:nothing-" + str(i)], timeout=hold)
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            errors.append(exc)
+
+    workers = [threading.Thread(target=hold_one, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    return errors

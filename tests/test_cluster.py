@@ -200,3 +200,14 @@ def test_the_hub_moves_to_another_master_when_its_own_fails(cluster, on_cluster,
     assert next_message(ws)["data"] == "live again"
     ws.close()
     first.close()
+
+
+def test_a_small_pool_makes_callers_wait_on_a_cluster_too(cluster):
+    # Right after a failover every connection of a worker needs Redis at once: with
+    # the pool's bound reached, callers wait for a connection instead of failing.
+    from tests.conftest import many_waiting_for_a_small_pool
+    from uwsgi_ws.redis_url import make_client
+
+    client = make_client(cluster.url, max_connections=2, wait=10, socket_timeout=5)
+    assert many_waiting_for_a_small_pool(client) == []
+    client.close()

@@ -133,11 +133,38 @@ def _sentinel(target: SentinelTarget, socket_timeout: float | None) -> Any:
     )
 
 
+def _waiting(pool_class: type, wait: float) -> type:
+    """``pool_class`` with ``wait`` as the longest wait for a free connection."""
+
+    class WaitingPool(pool_class):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, timeout: float = wait, **kwargs: Any) -> None:
+            super().__init__(*args, timeout=timeout, **kwargs)
+
+    WaitingPool.__name__ = WaitingPool.__qualname__ = "Waiting" + pool_class.__name__
+    return WaitingPool
+
+
+def _blocking_sentinel_pool() -> type:
+    from redis.sentinel import SentinelConnectionPool
+
+    # The Sentinel pool finds the primary (and drops connections to a former one);
+    # the blocking pool makes callers wait for a free connection instead of failing.
+    class BlockingSentinelConnectionPool(SentinelConnectionPool, redis.BlockingConnectionPool):
+        def disconnect(self, inuse_connections: bool = True) -> None:
+            # The Sentinel pool passes the argument of ConnectionPool.disconnect; the
+            # blocking pool closes every connection and takes none.
+            redis.BlockingConnectionPool.disconnect(self)
+
+    return BlockingSentinelConnectionPool
+
+
 def make_client(url: str, *, max_connections: int | None = None, wait: float = 10.0, **options: Any) -> redis.Redis:
     """Return a client for ``url``.
 
-    ``max_connections`` bounds its pool: callers wait up to ``wait`` seconds for a
-    free connection (with Sentinel, the bound is enforced by refusing, not waiting).
+    ``max_connections`` bounds its pool (per node on a Cluster): callers then wait up
+    to ``wait`` seconds for a free connection, whatever the kind of URL, rather than
+    fail with "Too many connections" when many connections need Redis at once (as
+    they all do right after a failover).
     """
     if is_cluster(url):
         from redis.cluster import ClusterNode, RedisCluster
@@ -145,8 +172,15 @@ def make_client(url: str, *, max_connections: int | None = None, wait: float = 1
         cluster = parse_cluster_url(url)
         if max_connections is not None:
             options["max_connections"] = max_connections  # per node
+            # Per-node pools of that class are made only for clusters given by URL.
+            host, port = cluster.nodes[0]
+            options["url"] = f"redis://{_netloc(host, port)}/0"
+            options["connection_pool_class"] = _waiting(redis.BlockingConnectionPool, wait)
+            startup = [ClusterNode(host, port) for host, port in cluster.nodes[1:]]
+        else:
+            startup = [ClusterNode(host, port) for host, port in cluster.nodes]
         return RedisCluster(  # type: ignore[return-value]
-            startup_nodes=[ClusterNode(host, port) for host, port in cluster.nodes],
+            startup_nodes=startup,
             password=cluster.password,
             **options,
         )
@@ -154,6 +188,7 @@ def make_client(url: str, *, max_connections: int | None = None, wait: float = 1
         target = parse_sentinel_url(url)
         if max_connections is not None:
             options["max_connections"] = max_connections
+            options["connection_pool_class"] = _waiting(_blocking_sentinel_pool(), wait)
         return _sentinel(target, options.get("socket_timeout")).master_for(
             target.service, db=target.db, password=target.password, **options
         )
@@ -161,6 +196,10 @@ def make_client(url: str, *, max_connections: int | None = None, wait: float = 1
         pool = redis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=wait, **options)
         return redis.Redis(connection_pool=pool)
     return redis.Redis.from_url(url, **options)
+
+
+def _netloc(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def subscriber_factory(url: str, **options: Any) -> Callable[[], Connection]:
