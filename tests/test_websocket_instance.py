@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import socket
 import struct
 import subprocess
 import time
@@ -17,7 +16,7 @@ import time
 import pytest
 
 import django_ws
-from tests.conftest import UWSGI
+from tests.conftest import UWSGI, Stack
 from uwsgi_ws.protocol import Limits, Ticket, sign_ticket
 
 KEY = base64.b64encode(os.urandom(16)).decode()
@@ -52,8 +51,8 @@ def handshake_vars(ticket: str | None) -> dict[str, str]:
     return variables
 
 
-def status_line(port: int, variables: dict[str, str]) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+def status_line(stack: Stack, variables: dict[str, str]) -> bytes:
+    with stack.ws_connect() as conn:
         conn.sendall(uwsgi_packet(variables))
         data = b""
         while b"\r\n" not in data:
@@ -75,7 +74,7 @@ def ticket(secret: str, *, expires_in: float = 10.0, channel: str = "{ws:direct:
 
 def test_valid_ticket_is_served(offload_stack, project):
     # The control case: the same request with a good ticket completes the handshake.
-    assert b" 101 " in status_line(offload_stack.ws_port, handshake_vars(ticket(project.env["DJANGO_WS_SECRET"])))
+    assert b" 101 " in status_line(offload_stack, handshake_vars(ticket(project.env["DJANGO_WS_SECRET"])))
 
 
 @pytest.mark.parametrize(
@@ -89,7 +88,7 @@ def test_valid_ticket_is_served(offload_stack, project):
 )
 def test_bad_tickets_are_refused_with_403(offload_stack, project, redis_server, facility, make):
     channel = "{ws:" + facility + ":broadcast}"
-    line = status_line(offload_stack.ws_port, handshake_vars(make(project.env["DJANGO_WS_SECRET"], channel)))
+    line = status_line(offload_stack, handshake_vars(make(project.env["DJANGO_WS_SECRET"], channel)))
     assert line.startswith(b"HTTP/1.1 403"), line
     assert redis_server.client().pubsub_numsub(channel)[0][1] == 0  # nothing subscribed
 
