@@ -20,7 +20,7 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
-from tests.conftest import EXAMPLE, WS, private_dir
+from tests.conftest import EXAMPLE, WS, private_dir, wait_for
 from tests.security.ini_runs import INI, environ_of, readme_env, start
 
 pytestmark = pytest.mark.timeout(120)
@@ -211,15 +211,31 @@ def test_without_a_good_secret_the_whole_command_exits(redis_server, project, tm
         run.stop()
 
 
-def test_single_instance_without_a_secret_uses_a_random_one_and_exports_none(redis_server, project, tmp_path):
+def test_single_instance_without_a_secret_starts_with_a_random_one(redis_server, project, tmp_path):
     env = readme_env(redis_url=redis_server.url, secret=None, EXAMPLE_DB=project.env["EXAMPLE_DB"])
     run = start(INI, env, tmp_path, section="single")
     try:
         run.wait_serving()
-        assert all("DJANGO_WS_SECRET" not in environ_of(pid) for pid in run.processes())
         ws = WS(f"ws://127.0.0.1:{run.port}/ws/secret-random?subscribe-broadcast")
         ws.ready()  # tickets signed and verified in the process, with its own secret
         ws.close()
+    finally:
+        run.stop()
+
+
+@pytest.mark.parametrize("section", ["", "websocket", "single"], ids=["front", "websocket", "single"])
+def test_the_ini_exports_no_secret_of_its_own(redis_server, project, tmp_path, section):
+    """/proc shows what a process was started with, so a section's own ``env =``
+    lines are read from uWSGI's dump of its effective configuration instead."""
+    env = readme_env(redis_url=redis_server.url, secret=None, EXAMPLE_DB=project.env["EXAMPLE_DB"])
+    env["DJANGO_WS_OFFLOAD_TO"] = str(private_dir(tmp_path) / "ws.sock")
+    env["UWSGI_SHOW_CONFIG"] = "1"  # uWSGI reads it as --show-config
+    run = start(INI, env, tmp_path, section=section)
+    try:
+        wait_for(lambda: ";end of configuration" in run.text(), timeout=60, what="the configuration dump")
+        dump = run.text().split(";uWSGI instance configuration", 1)[1].split(";end of configuration", 1)[0]
+        assert "env = DJANGO_WS_OFFLOAD_TO=" in dump  # the control: exports are in the dump
+        assert [line for line in dump.splitlines() if line.startswith("env = DJANGO_WS_SECRET")] == []
     finally:
         run.stop()
 
