@@ -8,7 +8,7 @@ from django.conf import settings
 from django.core.checks import Error, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 
-from .conf import get_settings
+from .conf import TicketSecretError, check_offload_sockets, get_settings
 
 MIDDLEWARE_PATH = "django_ws.middleware.WebSocketMiddleware"
 NEEDED_BEFORE = (
@@ -21,9 +21,29 @@ NEEDED_BEFORE = (
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     try:
         conf = get_settings()
+    except TicketSecretError as exc:
+        return [
+            Error(
+                str(exc),
+                hint="Set DJANGO_WS_SECRET (or DJANGO_WS['TICKET_SECRET']) to at least 32 random bytes, the "
+                "value the websocket instance gets as DJANGO_WS_SECRET; without OFFLOAD_TO it may stay unset.",
+                id="django_ws.E003",
+            )
+        ]
     except ImproperlyConfigured as exc:
         return [Error(str(exc), id="django_ws.E001")]
     problems: list[Any] = []
+    try:
+        check_offload_sockets(conf)
+    except ImproperlyConfigured as exc:
+        problems.append(
+            Error(
+                str(exc),
+                hint="The front hands websockets (cookies included) to whatever listens there: keep the socket "
+                "in a directory of the server's user with mode 0700.",
+                id="django_ws.E004",
+            )
+        )
     middleware = list(getattr(settings, "MIDDLEWARE", None) or [])
     if MIDDLEWARE_PATH not in middleware:
         problems.append(
@@ -56,15 +76,6 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                 "runserver will not serve websockets",
                 hint="Move 'django_ws' above 'django.contrib.staticfiles'; its runserver serves static files too.",
                 id="django_ws.W002",
-            )
-        )
-    if conf.offload_to and conf.ticket_secret_derived:
-        problems.append(
-            Error(
-                "DJANGO_WS['OFFLOAD_TO'] is set but no ticket secret is: the websocket instance cannot verify tickets",
-                hint="Set DJANGO_WS['TICKET_SECRET'] (or $DJANGO_WS_SECRET) to the value given "
-                "to the websocket instance as DJANGO_WS_SECRET.",
-                id="django_ws.E003",
             )
         )
     if conf.client_publish and conf.facilities is None:

@@ -8,7 +8,6 @@ raises ImproperlyConfigured naming the bad setting; the system checks call it to
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import os
 import re
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 from django.utils.module_loading import import_string
 
-from uwsgi_ws.config import DEFAULT_REDIS_URL
+from uwsgi_ws.config import DEFAULT_REDIS_URL, check_secret, check_socket_directory, unix_socket_path
 from uwsgi_ws.exceptions import BadRequest, ConfigurationError
 from uwsgi_ws.protocol import Limits, validate_facility, validate_prefix
 from uwsgi_ws.redis_url import check_publish_command, check_url
@@ -61,8 +60,8 @@ DEFAULTS: dict[str, Any] = {
     # Slow consumers: a connection whose unsent data exceeds either bound is closed.
     "SEND_QUEUE_MESSAGES": 1000,
     "SEND_QUEUE_BYTES": 1 << 20,
-    # Secret shared with the websocket instance. Default: $DJANGO_WS_SECRET, else
-    # (single-instance mode only) derived from SECRET_KEY.
+    # Secret shared with the websocket instance. Default: $DJANGO_WS_SECRET. Required
+    # when offloading; otherwise (tickets never leave the process) a random one.
     "TICKET_SECRET": None,
     # publish(): attempts after a failure to reach Redis, and the first pause between
     # them (doubling each time). A retried message may arrive twice if Redis took it
@@ -151,7 +150,6 @@ class WsSettings:
     queue_messages: int
     queue_bytes: int
     ticket_secret: bytes
-    ticket_secret_derived: bool
     ticket_ttl: float
     offload_to: tuple[str, ...]  # empty: no offloading
     publish_retries: int
@@ -265,11 +263,8 @@ def _read() -> WsSettings:
             f"not {history_max_bytes!r}"
         )
 
-    secret = s["TICKET_SECRET"] or os.environ.get("DJANGO_WS_SECRET")
-    derived = not secret
-    if derived:
-        secret = hashlib.sha256(b"django_ws.ticket:" + str(settings.SECRET_KEY).encode()).hexdigest()
     offload_to = _addresses(s["OFFLOAD_TO"] or os.environ.get("DJANGO_WS_OFFLOAD_TO") or ())
+    ticket_secret = _ticket_secret(s["TICKET_SECRET"], offload_to)
     publish_command = s["PUBLISH_COMMAND"] or os.environ.get("DJANGO_WS_PUBLISH_COMMAND") or "PUBLISH"
     try:
         check_publish_command(publish_command, redis_url)
@@ -294,8 +289,7 @@ def _read() -> WsSettings:
         burst=int(rate[1]),
         queue_messages=_int(s, "SEND_QUEUE_MESSAGES", 1),
         queue_bytes=_int(s, "SEND_QUEUE_BYTES", 1024),
-        ticket_secret=str(secret).encode("utf-8"),
-        ticket_secret_derived=derived,
+        ticket_secret=ticket_secret,
         ticket_ttl=_positive(s, "TICKET_TTL"),
         offload_to=offload_to,
         publish_retries=_int(s, "PUBLISH_RETRIES", 0),
@@ -327,6 +321,61 @@ def _origin_patterns(value: Any, name: str, *, any_allowed: bool = False) -> tup
         except ValueError as exc:
             raise ImproperlyConfigured(f"{name}: {exc}") from None
     return tuple(patterns)
+
+
+class TicketSecretError(ImproperlyConfigured):
+    """The ticket secret is missing (when offloading) or unfit to sign tickets."""
+
+
+SECRET_NAME = "DJANGO_WS['TICKET_SECRET'] (or $DJANGO_WS_SECRET)"
+_process_secret: bytes | None = None
+
+
+def _ticket_secret(configured: Any, offload_to: tuple[str, ...]) -> bytes:
+    """The secret that signs tickets, under the one rule both sides apply.
+
+    Offloading, tickets travel to the websocket instance, which must hold the same
+    secret: it is required. Otherwise (development server, single instance) tickets
+    never leave this process, and with no secret configured a random one is made
+    for the life of the process. Never one derived from ``SECRET_KEY``: that would
+    be a second use of a key that projects often leave in their repository.
+
+    Raises:
+        TicketSecretError: the secret is missing when offloading, or unfit.
+    """
+    global _process_secret
+    if configured is not None and not isinstance(configured, (str, bytes)):
+        raise TicketSecretError(f"{SECRET_NAME} must be a string, not {type(configured).__name__}")
+    configured = configured or os.environ.get("DJANGO_WS_SECRET")
+    if not configured and not offload_to:
+        if _process_secret is None:
+            _process_secret = os.urandom(32).hex().encode("ascii")
+        return _process_secret
+    try:
+        return check_secret(configured, name=SECRET_NAME)
+    except ConfigurationError as exc:
+        raise TicketSecretError(str(exc)) from None
+
+
+def check_offload_sockets(conf: WsSettings) -> None:
+    """Refuse unix sockets in ``OFFLOAD_TO`` whose directory others may enter or change.
+
+    The same rule as the websocket instance's (:func:`uwsgi_ws.config.check_socket_directory`):
+    the front would hand every websocket, cookies included, to whoever put a socket
+    there. TCP addresses are not checked: any local user may bind a free port first,
+    or connect to it, which is why a unix socket is the default.
+
+    Raises:
+        ImproperlyConfigured: a socket's directory is missing or not private.
+    """
+    for address in conf.offload_to:
+        path = unix_socket_path(address)
+        if path is None:
+            continue
+        try:
+            check_socket_directory(path, name=f"DJANGO_WS['OFFLOAD_TO'] {path}")
+        except ConfigurationError as exc:
+            raise ImproperlyConfigured(str(exc)) from None
 
 
 def _addresses(value: Any) -> tuple[str, ...]:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
-from django.core.exceptions import DisallowedHost
+from django.core.exceptions import DisallowedHost, ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from uwsgi_ws.exceptions import BadRequest, PublishError, Refused
@@ -50,7 +50,7 @@ from uwsgi_ws.protocol import (
     wants_event_stream,
 )
 
-from .conf import WsSettings, get_settings
+from .conf import WsSettings, check_offload_sockets, get_settings
 from .identity import client_identity, session_digest
 from .logout import close_ended_sessions, watch_session
 from .origins import Origin, parse_origin, split_host
@@ -93,7 +93,23 @@ class WebSocketMiddleware:
     """Turn websocket handshakes under ``WEBSOCKET_URL`` into signed hand-overs."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        """Check the settings now, when the WSGI handler loads.
+
+        A server that cannot hand websockets over safely (no or a weak ticket secret
+        while offloading, a hand-over socket in a directory others may enter) must not
+        start: under uWSGI with ``need-app`` the front then exits with an error
+        instead of serving pages whose websockets all fail.
+
+        Raises:
+            ImproperlyConfigured: a setting is bad; the message names it.
+        """
         self.get_response = get_response
+        try:
+            check_offload_sockets(get_settings())
+        except ImproperlyConfigured as exc:
+            # One readable line before the traceback the server prints.
+            logger.critical("django_ws cannot start: %s", exc)
+            raise
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         conf = get_settings()

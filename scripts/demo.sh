@@ -32,7 +32,9 @@ fi
 
 export EXAMPLE_DB="${EXAMPLE_DB:-$RUN/db.sqlite3}"
 export DJANGO_WS_HTTP="${DJANGO_WS_HTTP:-127.0.0.1:8000}"
-export DJANGO_WS_OFFLOAD_TO="${DJANGO_WS_OFFLOAD_TO:-127.0.0.1:$(free_port)}"
+# The hand-over socket: DJANGO_WS_OFFLOAD_TO if set, else the ini's default, a unix
+# socket in a directory only this user may enter. The ticket secret has no default:
+# a fresh random one for this run, unless one is given.
 export DJANGO_WS_SECRET="${DJANGO_WS_SECRET:-$("$PY" -c 'import secrets; print(secrets.token_hex(32))')}"
 (cd example && "$PY" manage.py migrate -v0 && "$PY" manage.py demo_users)
 

@@ -240,9 +240,10 @@ def unix_socket_open(path: str) -> bool:
 class Stack:
     mode: str
     port: int
-    ws_port: int | None
+    ws_port: int | None  # the websocket instance's TCP port, if it has one
     procs: list[subprocess.Popen]
     log: Path
+    ws_socket: str | None = None  # the websocket instance's unix socket, if it has one
 
     def url(self, path: str) -> str:
         return f"ws://127.0.0.1:{self.port}{path}"
@@ -250,12 +251,34 @@ class Stack:
     def http(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
+    def ws_connect(self, timeout: float = 10.0) -> socket.socket:
+        """Connect to the websocket instance itself, as the front's offload thread does."""
+        if self.ws_socket is not None:
+            conn = socket.socket(socket.AF_UNIX)
+            conn.settimeout(timeout)
+            conn.connect(self.ws_socket)
+            return conn
+        assert self.ws_port is not None, "this stack has no websocket instance"
+        return socket.create_connection(("127.0.0.1", self.ws_port), timeout=timeout)
+
+
+def private_dir(parent: Path, name: str = "run") -> Path:
+    """Make a directory only this user may enter (mode 0700), as the hand-over socket needs."""
+    path = parent / name
+    path.mkdir(mode=0o700)
+    path.chmod(0o700)  # whatever the umask
+    return path
+
 
 def start_stack(mode: str, project: Project, tmp: Path, **extra: str) -> Stack:
     """Start a server: "offload" (front + websocket instance), "single" (one gevent
-    uWSGI) or "runserver" (Django's development server)."""
+    uWSGI) or "runserver" (Django's development server).
+
+    The offload stack's websocket instance listens on a unix socket in a private
+    directory under ``tmp``, as the ini's default does; ``DJANGO_WS_OFFLOAD_TO`` in
+    ``extra`` puts it elsewhere (``127.0.0.1:<port>`` for TCP).
+    """
     port = free_port()
-    ws_port = free_port() if mode == "offload" else None
     env = {
         **os.environ,
         **project.env,
@@ -269,18 +292,24 @@ def start_stack(mode: str, project: Project, tmp: Path, **extra: str) -> Stack:
         "DJANGO_DEBUG": "0",  # as in production: no debug pages
         **extra,
     }
-    if ws_port:
-        # A path in ``extra`` puts the websocket instance on a unix socket instead.
-        env.setdefault("DJANGO_WS_OFFLOAD_TO", f"127.0.0.1:{ws_port}")
-    unix_socket = env.get("DJANGO_WS_OFFLOAD_TO", "") if mode == "offload" else ""
-    unix_socket = unix_socket if unix_socket.startswith("/") else ""
+    unix_socket: str | None = None
+    ws_port: int | None = None
+    if mode == "offload":
+        if "DJANGO_WS_OFFLOAD_TO" not in extra:
+            env["DJANGO_WS_OFFLOAD_TO"] = str(private_dir(tmp, f"run-{port}") / "ws.sock")
+        address = env["DJANGO_WS_OFFLOAD_TO"]
+        if address.startswith("/"):
+            unix_socket = address
+        else:
+            ws_port = int(address.rsplit(":", 1)[1])
     log = tmp / f"server-{mode}.log"
     if mode == "runserver":
         command = [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"]
         cwd = EXAMPLE
     else:
+        # The listen queue (1024) and everything else come from the ini, as documented.
         section = "uwsgi.ini.example" if mode == "offload" else "uwsgi.ini.example:single"
-        command = [str(UWSGI), "--ini", section, "--listen", "1024"]
+        command = [str(UWSGI), "--ini", section]
         cwd = ROOT
     proc = subprocess.Popen(
         command,
@@ -290,7 +319,7 @@ def start_stack(mode: str, project: Project, tmp: Path, **extra: str) -> Stack:
         stderr=subprocess.STDOUT,
         preexec_fn=_raise_fd_limit,
     )
-    stack = Stack(mode, port, ws_port, [proc], log)
+    stack = Stack(mode, port, ws_port, [proc], log, unix_socket)
     try:
         wait_for(lambda: proc.poll() is None and port_open(port), what=f"{mode} server", timeout=30)
         if unix_socket:

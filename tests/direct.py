@@ -10,6 +10,7 @@ import base64
 import os
 import socket
 import struct
+from typing import Any
 
 
 def new_key() -> str:
@@ -53,16 +54,21 @@ def handshake_vars(ticket: str | None, *, key: str, stream: bool = False) -> dic
     return variables
 
 
-def status_line(address: int | str, variables: dict[str, str]) -> bytes:
-    """Send one hand-over to the websocket instance (a TCP port or a unix path); return
-    the first line of its answer."""
-    if isinstance(address, int):
-        conn = socket.create_connection(("127.0.0.1", address), timeout=10)
-    else:
-        conn = socket.socket(socket.AF_UNIX)
-        conn.settimeout(10)
-        conn.connect(address)
-    with conn:
+def _connect(target: Any) -> socket.socket:
+    """A connection to the websocket instance: of a stack (``ws_connect``), a TCP port or a unix path."""
+    if hasattr(target, "ws_connect"):
+        return target.ws_connect()  # type: ignore[no-any-return]
+    if isinstance(target, int):
+        return socket.create_connection(("127.0.0.1", target), timeout=10)
+    conn = socket.socket(socket.AF_UNIX)
+    conn.settimeout(10)
+    conn.connect(target)
+    return conn
+
+
+def status_line(target: Any, variables: dict[str, str]) -> bytes:
+    """Send one hand-over to the websocket instance; return the first line of its answer."""
+    with _connect(target) as conn:
         conn.sendall(uwsgi_packet(variables))
         data = b""
         while b"\r\n" not in data:
@@ -73,14 +79,9 @@ def status_line(address: int | str, variables: dict[str, str]) -> bytes:
     return data.split(b"\r\n", 1)[0]
 
 
-def open_direct(address: int | str, variables: dict[str, str]) -> tuple[socket.socket, bytes]:
+def open_direct(target: Any, variables: dict[str, str]) -> tuple[socket.socket, bytes]:
     """Hand a websocket over directly; return the socket and the bytes after the 101 answer."""
-    if isinstance(address, int):
-        conn = socket.create_connection(("127.0.0.1", address), timeout=10)
-    else:
-        conn = socket.socket(socket.AF_UNIX)
-        conn.settimeout(10)
-        conn.connect(address)
+    conn = _connect(target)
     conn.sendall(uwsgi_packet(variables))
     data = b""
     while b"\r\n\r\n" not in data:

@@ -39,7 +39,7 @@ def ticket(secret: str, *, expires_in: float = 10.0, channel: str = "{ws:direct:
 
 def test_valid_ticket_is_served(offload_stack, project):
     # The control case: the same request with a good ticket completes the handshake.
-    assert b" 101 " in status_line(offload_stack.ws_port, handshake_vars(ticket(project.env["DJANGO_WS_SECRET"])))
+    assert b" 101 " in status_line(offload_stack, handshake_vars(ticket(project.env["DJANGO_WS_SECRET"])))
 
 
 @pytest.mark.parametrize(
@@ -53,7 +53,7 @@ def test_valid_ticket_is_served(offload_stack, project):
 )
 def test_bad_tickets_are_refused_with_403(offload_stack, project, redis_server, facility, make):
     channel = "{ws:" + facility + ":broadcast}"
-    line = status_line(offload_stack.ws_port, handshake_vars(make(project.env["DJANGO_WS_SECRET"], channel)))
+    line = status_line(offload_stack, handshake_vars(make(project.env["DJANGO_WS_SECRET"], channel)))
     assert line.startswith(b"HTTP/1.1 403"), line
     assert redis_server.client().pubsub_numsub(channel)[0][1] == 0  # nothing subscribed
 

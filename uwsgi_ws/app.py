@@ -5,10 +5,13 @@ signed that as a ticket; uWSGI forwarded the connection here together with the
 ticket (``uwsgi.add_var``). This application checks the ticket, completes the
 websocket handshake with uWSGI's native API and serves the session.
 
-Run it with::
+Run it with (uwsgi.ini.example's ``[websocket]`` section does)::
 
-    uwsgi --socket 127.0.0.1:8001 --gevent 10000 --gevent-early-monkey-patch \\
-          --module uwsgi_ws.app:application --env DJANGO_WS_SECRET=...
+    DJANGO_WS_SECRET=... uwsgi --socket /run/myproject/ws.sock --gevent 10000 \\
+        --gevent-early-monkey-patch --need-app --module 'uwsgi_ws.app:load()'
+
+``load()`` checks the configuration when uWSGI starts, before any worker exists, and
+stops the instance with a non-zero status if it cannot work.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ import gc
 import hmac
 import logging
 import os
+import signal
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from .config import Config
+from .config import Config, check_socket_directory, unix_socket_path
 from .control import Controller
 from .exceptions import BadRequest, ConfigurationError, RedisUnavailable, TicketError
 from .hub import Hub, connection_factory
@@ -299,4 +303,71 @@ def _answer(start_response: StartResponse, status: int, text: str) -> list[bytes
     return [body]
 
 
-application = WebSocketApplication()
+# The status of a websocket instance that refused its configuration: uWSGI's own
+# "no application could be loaded" code, so that uWSGI and supervisors read it alike.
+EXIT_REFUSED = 22
+# Set by uwsgi.ini.example for the websocket instance its front starts: the front
+# master's pid (see _stop_front).
+FRONT_PID_VAR = "DJANGO_WS_FRONT_PID"
+
+
+def load() -> WebSocketApplication:
+    """Return the application of a websocket instance, or refuse to start.
+
+    uWSGI calls it once, when the instance starts (``module = uwsgi_ws.app:load()``),
+    before any worker exists. A configuration that cannot work (no or a weak
+    ``DJANGO_WS_SECRET``, a bad number or Redis URL, a unix socket in a directory
+    other users may enter or change) is logged as one line, and the process ends with
+    status :data:`EXIT_REFUSED` at once, without a traceback: an instance that
+    answered every connection with an error would look alive to its supervisor.
+
+    Raises:
+        SystemExit: the configuration was refused (which ends uWSGI's master).
+    """
+    try:
+        config = Config.from_env()
+        for address in _uwsgi_sockets():
+            path = unix_socket_path(address)
+            if path is not None:
+                check_socket_directory(path, name=f"socket {path}")
+    except ConfigurationError as exc:
+        logger.critical("websocket instance not started: %s", exc)
+        _stop_front()
+        raise SystemExit(EXIT_REFUSED) from None
+    return WebSocketApplication(config)
+
+
+def _uwsgi_sockets() -> list[str]:
+    """The addresses this uWSGI instance listens on (none outside uWSGI)."""
+    try:
+        import uwsgi
+    except ImportError:
+        return []
+    addresses: list[str] = []
+    for option in ("socket", "uwsgi-socket"):
+        value = uwsgi.opt.get(option)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, bytes):
+                addresses.append(item.decode("utf-8", "replace"))
+            elif isinstance(item, str):
+                addresses.append(item)
+    return addresses
+
+
+def _stop_front() -> None:
+    """Stop the front uWSGI that started this instance, when it asked for that.
+
+    The front of uwsgi.ini.example starts the websocket instance as an attached
+    daemon, and uWSGI starts a daemon that exits again, forever, while the front
+    goes on serving pages that can never get a websocket. A refused configuration
+    is refused again on every attempt, so the front is stopped instead. Only this
+    process's parent is signalled, so a stale or inherited value reaches no other.
+    """
+    raw = os.environ.get(FRONT_PID_VAR, "")
+    if not raw.isdigit() or int(raw) != os.getppid():
+        return
+    logger.critical("stopping the front instance (pid %s) too: it could not hand websockets over", raw)
+    try:
+        os.kill(int(raw), signal.SIGINT)
+    except OSError as exc:
+        logger.error("could not stop the front instance (pid %s): %s", raw, exc.strerror)

@@ -67,7 +67,8 @@ def test_middleware_order_is_checked(project):
 def test_offload_without_a_shared_secret_is_an_error(project, monkeypatch):
     monkeypatch.delenv("DJANGO_WS_SECRET")
     with override_settings(DJANGO_WS={"OFFLOAD_TO": "127.0.0.1:9"}):
-        assert "django_ws.E003" in {e.id for e in check_settings()}
+        [error] = check_settings()
+        assert error.id == "django_ws.E003" and "DJANGO_WS_SECRET" in error.msg
 
 
 def test_the_example_project_passes_its_checks(project):
@@ -161,13 +162,14 @@ def test_single_instance_takes_secret_from_settings_and_tuning_from_the_environm
 
     monkeypatch.setenv("DJANGO_WS_POOL_SIZE", "3")
     monkeypatch.setenv("DJANGO_WS_CLOCK_SKEW", "1.5")
-    monkeypatch.setenv("DJANGO_WS_SECRET", "not the one Django uses")
+    monkeypatch.setenv("DJANGO_WS_SECRET", "not the one Django uses, though long enough")
     monkeypatch.setenv("DJANGO_WS_PUBLISH_COMMAND", "PUBLISH")
-    with override_settings(DJANGO_WS={"PUBLISH_COMMAND": "SPUBLISH", "TICKET_SECRET": "django's own"}):
+    own = "django's own, as long as it must be"
+    with override_settings(DJANGO_WS={"PUBLISH_COMMAND": "SPUBLISH", "TICKET_SECRET": own}):
         conf = get_settings()
         config = WebSocketWSGIHandler(lambda environ, start_response: []).websocket_app().config
     assert (config.pool_size, config.clock_skew) == (3, 1.5)
-    assert (config.secret, config.redis_url, config.publish_command) == (b"django's own", conf.redis_url, "SPUBLISH")
+    assert (config.secret, config.redis_url, config.publish_command) == (own.encode(), conf.redis_url, "SPUBLISH")
 
 
 def test_thread_slots_number_the_threads_of_a_process():
@@ -207,20 +209,24 @@ def test_bad_offload_addresses_are_named(project, value):
             get_settings()
 
 
-def test_hand_overs_take_turns_over_the_websocket_instances(project, rf, monkeypatch):
+def test_hand_overs_take_turns_over_the_websocket_instances(project, rf, monkeypatch, tmp_path):
     import sys
     import types
+
+    from tests.conftest import private_dir
 
     added: list[tuple[str, str]] = []
     fake = types.ModuleType("uwsgi")
     fake.add_var = lambda name, value: added.append((name, value))  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "uwsgi", fake)
     monkeypatch.setenv("DJANGO_WS_SECRET", "s" * 32)
-    with override_settings(DJANGO_WS={"OFFLOAD_TO": ["/run/a.sock", "/run/b.sock", "/run/c.sock"]}):
+    run = private_dir(tmp_path)  # the middleware refuses sockets in directories others may enter
+    sockets = [f"{run}/a.sock", f"{run}/b.sock", f"{run}/c.sock"]
+    with override_settings(DJANGO_WS={"OFFLOAD_TO": sockets}):
         middleware = WebSocketMiddleware(lambda request: None)
         for _ in range(6):
             response = middleware(rf.get("/ws/chat?subscribe-broadcast", **HANDSHAKE))
             assert response.status_code == 202
     chosen = [value for name, value in added if name == "DJANGO_WS_OFFLOAD"]
-    assert chosen[:3] != chosen[:1] * 3 and sorted(chosen) == sorted(["/run/a.sock", "/run/b.sock", "/run/c.sock"] * 2)
+    assert chosen[:3] != chosen[:1] * 3 and sorted(chosen) == sorted(sockets * 2)
     assert chosen[:3] == chosen[3:]  # in turn

@@ -187,7 +187,7 @@ def test_old_connections_are_closed_for_fresh_rights(offload_stack, project, fac
         max_age=1.0,
     )
     token = sign_ticket(ticket, project.env["DJANGO_WS_SECRET"].encode())
-    conn, rest = open_direct(offload_stack.ws_port, handshake_vars(token, key=key))
+    conn, rest = open_direct(offload_stack, handshake_vars(token, key=key))
     started = time.monotonic()
     code, reason = read_until_close(conn, rest)
     conn.close()
