@@ -173,7 +173,7 @@ def test_the_ini_gives_the_websocket_instance_exactly_the_secret_given(redis_ser
         run.wait_serving()
         run.websocket_listening()
         assert run.websocket_environ()["DJANGO_WS_SECRET"] == GOOD
-        ws = WS(f"ws://127.0.0.1:{run.port}/ws/secret-ok?subscribe-broadcast")
+        ws = WS(f"ws://127.0.0.1:{run.port}/ws/chat?subscribe-broadcast")
         ws.ready()  # Django signed, the websocket instance verified: the same secret
         ws.close()
     finally:
@@ -216,7 +216,7 @@ def test_single_instance_without_a_secret_starts_with_a_random_one(redis_server,
     run = start(INI, env, tmp_path, section="single")
     try:
         run.wait_serving()
-        ws = WS(f"ws://127.0.0.1:{run.port}/ws/secret-random?subscribe-broadcast")
+        ws = WS(f"ws://127.0.0.1:{run.port}/ws/chat?subscribe-broadcast")
         ws.ready()  # tickets signed and verified in the process, with its own secret
         ws.close()
     finally:
