@@ -148,7 +148,8 @@ class Flood(threading.Thread):
 
     def run(self) -> None:
         sock = self.client.sock
-        sock.settimeout(self.stall_timeout)
+        # Short waits, so that a write the server makes wait is noticed while it waits.
+        sock.settimeout(0.05)
         deadline = time.monotonic() + self.max_seconds
         try:
             while True:
@@ -158,17 +159,31 @@ class Flood(threading.Thread):
                 if self.sent >= self.max_bytes or time.monotonic() > deadline:
                     self.ended = "bound reached"
                     break
-                started = time.monotonic()
-                sock.sendall(self.chunk)
-                if time.monotonic() - started > 0.02:
-                    self.slowed.set()
-                self.sent += len(self.chunk)
+                self._send_all(self.chunk)
             if self.last:
-                sock.sendall(self.last)
+                self._send_all(self.last)
         except TimeoutError:
             self.ended = "server stopped reading"
         except OSError:
             self.ended = "connection closed"
+
+    def _send_all(self, data: bytes) -> None:
+        """Send every byte of ``data`` (whole frames); TimeoutError after ``stall_timeout`` without progress."""
+        view = memoryview(data)
+        last_progress = time.monotonic()
+        while view:
+            try:
+                n = self.client.sock.send(view)
+            except TimeoutError:
+                self.slowed.set()
+                if self.stop_now.is_set() and view.nbytes == len(data):
+                    return  # nothing of this chunk sent yet: the stream stays whole
+                if time.monotonic() - last_progress > self.stall_timeout:
+                    raise
+                continue
+            view = view[n:]
+            self.sent += n
+            last_progress = time.monotonic()
 
 
 class PeakRSS(threading.Thread):
