@@ -124,10 +124,10 @@ return {allowed, string.format('%.6f', wait)}
 # or 'latest' (the last entry), or 'none'.
 # Reads the epoch, the last offset and the history in one atomic step, so a message
 # published meanwhile is either in the answer or arrives later over pub/sub.
-# History is read only when it can help: in the client's epoch, and still holding
-# the first message the client missed (otherwise nothing can be recovered, and
-# reading the whole history would only cost Redis and the worker for nothing). The
-# offset is returned as Redis stores it, a string: Lua numbers are doubles.
+# History is returned only when it can help: in the client's epoch, and still
+# holding the first message the client missed (otherwise nothing can be recovered,
+# and sending the whole history to the worker would cost it for nothing). The offset
+# is returned as Redis stores it, a string: Lua numbers are doubles.
 FETCH_LUA = """
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'offset')
 if not meta[1] then
@@ -137,8 +137,9 @@ local entries = {}
 if ARGV[1] == 'latest' then
   entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 elseif ARGV[1] == 'after' and (ARGV[3] == '' or ARGV[3] == meta[1]) then
-  if #redis.call('XRANGE', KEYS[2], ARGV[2], ARGV[2]) > 0 then
-    entries = redis.call('XRANGE', KEYS[2], ARGV[2], '+')
+  entries = redis.call('XRANGE', KEYS[2], ARGV[2], '+')
+  if #entries > 0 and entries[1][1] ~= ARGV[2] then
+    entries = {}
   end
 end
 local out = {}
@@ -328,8 +329,8 @@ class Store:
 
         Each request is (channel, position to read after or None, latest). With no
         position and ``latest`` false no history is read; with ``latest`` the last
-        kept message is read. With a position, the history after it is read only if
-        it can recover it (see FETCH_LUA), so the cost is at most the kept history.
+        kept message is read. With a position, the history after it is returned only
+        if it can recover it (see FETCH_LUA), so the cost is at most the kept history.
 
         Raises:
             RedisUnavailable: Redis could not be reached or refused the read.
