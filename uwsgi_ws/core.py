@@ -159,8 +159,12 @@ class SessionCore:
         self._refusals = RateLimiter(1 / REFUSAL_INTERVAL, REFUSALS, now=now)
         self._ws = Connection(ConnectionType.SERVER)
         self._events: Iterator[Event] | None = None
-        self._incoming: list[bytes | bytearray | str] = []
-        self._incoming_size = 0
+        #: Client events (frames) handled so far: the driver paces the reading by it.
+        self.events_handled = 0
+        # The message being received, in fragments: its UTF-8 bytes, so that its
+        # memory is what MAX_MESSAGE_SIZE counts, however many fragments it comes in
+        # (a list of one-byte fragments costs some 60 times their size).
+        self._incoming = bytearray()
         interval = ticket.limits.heartbeat
         self._interval = interval
         self._last_heard = now
@@ -309,6 +313,7 @@ class SessionCore:
             if event is None:
                 self._events = None
                 return actions, False
+            self.events_handled += 1
             actions += self._on_event(event, now)
         return actions, True
 
@@ -331,17 +336,13 @@ class SessionCore:
 
     def _on_data(self, event: TextMessage | BytesMessage, now: float) -> list[Action]:
         chunk = event.data
-        self._incoming_size += len(chunk.encode("utf-8")) if isinstance(chunk, str) else len(chunk)
-        if self._incoming_size > self.ticket.limits.max_message_size:
+        self._incoming += chunk.encode("utf-8") if isinstance(chunk, str) else chunk
+        if len(self._incoming) > self.ticket.limits.max_message_size:
             return self.close(CloseReason.MESSAGE_TOO_BIG, "message too big")
-        self._incoming.append(chunk)
         if not event.message_finished:
             return []
-        parts, self._incoming, self._incoming_size = self._incoming, [], 0
-        if isinstance(event, TextMessage):
-            kind, payload = KIND_TEXT, "".join(parts).encode("utf-8")  # type: ignore[arg-type]
-        else:
-            kind, payload = KIND_BINARY, b"".join(parts)  # type: ignore[arg-type]
+        payload, self._incoming = bytes(self._incoming), bytearray()
+        kind = KIND_TEXT if isinstance(event, TextMessage) else KIND_BINARY
         if not self.ticket.publish:
             return self._refuse("forbidden", "this connection may not publish", now)
         if not self._limiter.allow(now):

@@ -47,6 +47,7 @@ from urllib.parse import quote, unquote, unquote_plus
 from .exceptions import BadRequest, InvalidArgument, TicketError, UnsupportedType
 
 __all__ = [
+    "MAX_OFFSET",
     "Audience",
     "Envelope",
     "Position",
@@ -184,6 +185,10 @@ PUBLISH_FLAGS = {
 }
 OTHER_FLAGS = ("echo", "latest")
 MAX_QUERY_LENGTH = 8192
+#: The largest offset a channel can reach: Redis counts with HINCRBY, on a signed
+#: 64-bit integer. A position beyond it cannot name a message (and 2^64 and more are
+#: not even valid stream ids), so it is refused as malformed.
+MAX_OFFSET = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -275,11 +280,12 @@ def _parse_positions(text: str) -> dict[str, Position]:
             or len(value) != 2
             or type(value[0]) is not int
             or not isinstance(value[1], str)
-            or value[0] < 0
+            or not 0 <= value[0] <= MAX_OFFSET
             or len(value[1]) > 64
         ):
             raise BadRequest(
-                'recover entries must look like "channel": [offset, "epoch"] with a non-negative integer offset'
+                'recover entries must look like "channel": [offset, "epoch"] with a non-negative integer offset '
+                f"(at most {MAX_OFFSET})"
             )
         positions[label] = Position(value[0], value[1])
     return positions
@@ -702,6 +708,10 @@ def decide_recovery(
     A client that saw nothing (offset 0) accepts any epoch: everything from offset 1
     must then be in the history. Otherwise the epochs must match and the history
     must hold every offset after ``since``, without a gap.
+
+    The cost is bounded by the length of ``history``, whatever ``since`` and ``top``
+    are: the client chooses the first, and a channel's counter only grows (10^12 is a
+    valid ``top``), so nothing here may be proportional to their difference.
     """
     current = Position(top, epoch or "")
     entries = tuple(history)
@@ -715,11 +725,16 @@ def decide_recovery(
         return Recovery(False, (), current)
     if since.offset > top:
         return Recovery(False, (), current)
-    wanted = [e for e in entries if e.offset > since.offset]
-    expected = list(range(since.offset + 1, top + 1))
-    if [e.offset for e in wanted] != expected:
+    wanted = tuple(e for e in entries if e.offset > since.offset)
+    # Exactly the offsets since+1 .. top, each once and in order: as many entries as
+    # missed messages, each one more than the one before. (Checking the count first
+    # rejects a short history, however large the gap, without walking it.)
+    if len(wanted) != top - since.offset:
         return Recovery(False, (), current)
-    return Recovery(True, tuple(wanted), current)
+    for expected, envelope in enumerate(wanted, since.offset + 1):
+        if envelope.offset != expected:
+            return Recovery(False, (), current)
+    return Recovery(True, wanted, current)
 
 
 # --------------------------------------------------------------------------- limits

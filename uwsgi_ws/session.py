@@ -60,6 +60,14 @@ logger = logging.getLogger(__name__)
 DRAIN_TIMEOUT = 2.0
 # Seconds a closed connection keeps reading (and dropping) what the client still sends.
 LINGER_TIMEOUT = 1.0
+# Client frames read per second from one connection, and the burst allowed above that
+# pace (ten frames per allowed message when RATE_LIMIT allows more than 100 a second).
+# No client needs more (publishes are limited to 10 a second by default, pings come
+# every few seconds), and a client sending faster waits: TCP slows it down. Yielding
+# between batches alone is not enough: ten clients flooding tiny frames kept a worker
+# busy and the others' broadcast p99 went from 7 to 57 ms (bench/hostile.py); at ~12 µs
+# a frame, ten clients at this pace take an eighth of a worker.
+FRAME_RATE = 1000
 
 
 class Session:
@@ -107,6 +115,16 @@ class Session:
         # Stop reading while more than this waits to be written: a client that does
         # not read cannot make the server produce more (pongs, errors) for it.
         self._read_pause = max(1024, limits.queue_bytes // 4)
+        # The same in chunks: tiny frames (pongs are 2 bytes) reach the message bound
+        # long before the byte mark, and a client that reads would be cut off as a slow
+        # consumer for a burst of pings.
+        self._read_pause_messages = max(1, limits.queue_messages // 4)
+        # The frame pace (FRAME_RATE): a token bucket, spent after each batch.
+        self._frame_rate = max(float(FRAME_RATE), 10.0 * limits.rate)
+        self._frame_burst = max(float(FRAME_RATE), 10.0 * limits.burst)
+        self._frame_tokens = self._frame_burst
+        self._frame_stamp = clock()
+        self._frames_counted = 0
         # Live deliveries (Hub thread) and the session's own thread both feed the core
         # and write to the transport: one at a time, in order. Under gevent nothing
         # between two sends can switch greenlets: no lock needed.
@@ -155,7 +173,7 @@ class Session:
         while not transport.closed and self._finish is None:
             now = self._clock()
             wait = max(0.0, core.next_timer - now)
-            if transport.queued_bytes > self._read_pause:
+            if transport.queued_bytes > self._read_pause or transport.queued_messages > self._read_pause_messages:
                 # Let the client read first; the timers still run.
                 transport.drain(min(wait, 1.0))
                 data = None
@@ -169,12 +187,27 @@ class Session:
                 while self._finish is None:
                     blocking, more = self._process(now)
                     self._perform(blocking)
+                    delay = self._frame_debt()
+                    if more or delay:
+                        # A flood must not delay the worker's other sockets, nor read
+                        # faster than FRAME_RATE.
+                        transport.cooperate(delay)
                     if not more:
                         break
-                    transport.cooperate()  # a flood must not delay the worker's other sockets
                     now = self._clock()
             if now >= core.next_timer and self._finish is None:
                 self._perform(self._step(core.timer, now))
+
+    def _frame_debt(self) -> float:
+        """Spend the frames handled since the last call; return the seconds to wait
+        for the frame pace (at most one batch's worth: 64 ms at FRAME_RATE)."""
+        now = self._clock()
+        handled = self.core.events_handled
+        tokens = min(self._frame_burst, self._frame_tokens + (now - self._frame_stamp) * self._frame_rate)
+        self._frame_tokens = tokens - (handled - self._frames_counted)
+        self._frames_counted = handled
+        self._frame_stamp = now
+        return -self._frame_tokens / self._frame_rate if self._frame_tokens < 0 else 0.0
 
     def _process(self, now: float) -> tuple[list[Action], bool]:
         with self._lock:

@@ -16,7 +16,7 @@ import redis
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from .exceptions import InvalidArgument, PublishError, RedisUnavailable
-from .protocol import Envelope, Position, decode_envelope, log_key, meta_key
+from .protocol import MAX_OFFSET, Envelope, Position, decode_envelope, log_key, meta_key
 
 logger = logging.getLogger(__name__)
 
@@ -120,25 +120,33 @@ return {allowed, string.format('%.6f', wait)}
 """
 
 # KEYS: meta hash, history stream.
-# ARGV: 'after' and the first stream id to read, 'latest' (the last entry) or 'none'.
+# ARGV: 'after', the first stream id to read and the epoch it must be in ('' for any);
+# or 'latest' (the last entry), or 'none'.
 # Reads the epoch, the last offset and the history in one atomic step, so a message
 # published meanwhile is either in the answer or arrives later over pub/sub.
+# History is returned only when it can help: in the client's epoch, and still
+# holding the first message the client missed (otherwise nothing can be recovered,
+# and sending the whole history to the worker would cost it for nothing). The offset
+# is returned as Redis stores it, a string: Lua numbers are doubles.
 FETCH_LUA = """
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'offset')
 if not meta[1] then
-  return {false, 0, {}}
+  return {false, '0', {}}
 end
 local entries = {}
 if ARGV[1] == 'latest' then
   entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-elseif ARGV[1] == 'after' then
+elseif ARGV[1] == 'after' and (ARGV[3] == '' or ARGV[3] == meta[1]) then
   entries = redis.call('XRANGE', KEYS[2], ARGV[2], '+')
+  if #entries > 0 and entries[1][1] ~= ARGV[2] then
+    entries = {}
+  end
 end
 local out = {}
 for i, entry in ipairs(entries) do
   out[i] = entry[2][2]
 end
-return {meta[1], tonumber(meta[2]), out}
+return {meta[1], meta[2] or '0', out}
 """
 
 
@@ -321,15 +329,22 @@ class Store:
 
         Each request is (channel, position to read after or None, latest). With no
         position and ``latest`` false no history is read; with ``latest`` the last
-        kept message is read.
+        kept message is read. With a position, the history after it is returned only
+        if it can recover it (see FETCH_LUA), so the cost is at most the kept history.
 
         Raises:
             RedisUnavailable: Redis could not be reached or refused the read.
         """
         calls = []
         for channel, since, latest in requests:
-            if since is not None:
-                args: tuple[Any, ...] = ("after", f"{since.offset + 1}-0")
+            if since is not None and 0 <= since.offset < MAX_OFFSET:
+                # Offset 0 ("from the beginning") matches any epoch; see decide_recovery.
+                epoch = since.epoch if since.offset else ""
+                args: tuple[Any, ...] = ("after", f"{since.offset + 1}-0", epoch)
+            elif since is not None:
+                # Nothing can follow the last offset Redis counts to (and a larger one
+                # is no stream id): read no history, the decision says not recovered.
+                args = ("none",)
             elif latest:
                 args = ("latest",)
             else:

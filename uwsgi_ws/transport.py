@@ -51,8 +51,12 @@ class Transport(Protocol):
     def drain(self, timeout: float) -> bool:
         """Wait until everything queued is written; False on timeout or error."""
 
-    def cooperate(self) -> None:
-        """Let the other connections of this worker run (between batches of work)."""
+    def cooperate(self, delay: float = 0.0) -> None:
+        """Let the other connections of this worker run (between batches of work).
+
+        With ``delay``, this connection goes on no sooner than ``delay`` seconds later
+        (a client over its frame rate waits; see uwsgi_ws.session.FRAME_RATE).
+        """
 
     def linger(self, timeout: float) -> None:
         """Half-close, then read and drop what the client still sends, for at most
@@ -202,8 +206,10 @@ class GeventSocketTransport(_SendQueue):
     def discard_queued(self) -> None:
         self._discard_unstarted()
 
-    def cooperate(self) -> None:
-        gevent.sleep(0)
+    def cooperate(self, delay: float = 0.0) -> None:
+        # sleep(0) runs the other ready greenlets; gevent bounds such a turn of the
+        # loop (getswitchinterval, 5 ms), after which it polls for I/O again.
+        gevent.sleep(delay)
 
     def linger(self, timeout: float) -> None:
         try:
@@ -338,8 +344,8 @@ class ThreadedSocketTransport(_SendQueue):
         with self._cond:
             self._discard_unstarted()
 
-    def cooperate(self) -> None:
-        time.sleep(0)  # each connection has its own thread: just let the others run
+    def cooperate(self, delay: float = 0.0) -> None:
+        time.sleep(delay)  # each connection has its own thread: just let the others run
 
     def linger(self, timeout: float) -> None:
         try:

@@ -28,9 +28,11 @@ from uwsgi_ws.protocol import (
     client_frame,
     decide_recovery,
     decode_envelope,
+    encode_event_id,
     encode_payload,
     parse_binary_message,
     parse_channel,
+    parse_event_id,
     parse_query,
     sign_ticket,
     validate_facility,
@@ -113,6 +115,19 @@ def test_query_recover_positions():
     assert request.recover == {"broadcast": Position(3, "e1")}
 
 
+def test_the_largest_offset_redis_counts_to_is_a_valid_position():
+    request = parse_query('subscribe-broadcast&recover={"b":[9223372036854775807,"e"]}')
+    assert request.recover == {"b": Position(2**63 - 1, "e")}
+
+
+@pytest.mark.parametrize("offset", [2**63, 2**64])
+def test_last_event_id_offsets_beyond_what_redis_counts_are_refused(offset):
+    event_id = encode_event_id({"broadcast": (offset, "e")})
+    with pytest.raises(BadRequest) as info:
+        parse_event_id(event_id)
+    assert info.value.status == 400
+
+
 @pytest.mark.parametrize(
     "query,fragment",
     [
@@ -125,6 +140,8 @@ def test_query_recover_positions():
         ('subscribe-broadcast&recover={"b":[-1,"e"]}', "non-negative"),
         ('subscribe-broadcast&recover={"b":[1.5,"e"]}', "non-negative"),
         ("subscribe-broadcast&recover=[1]", "JSON object"),
+        ('subscribe-broadcast&recover={"b":[9223372036854775808,"e"]}', "at most 9223372036854775807"),
+        ('subscribe-broadcast&recover={"b":[18446744073709551616,"e"]}', "at most 9223372036854775807"),
         ("subscribe-broadcast&" + "x" * 9000, "longer than"),
     ],
 )
@@ -297,6 +314,58 @@ def test_empty_position_accepts_any_epoch():
     outcome = decide_recovery(Position(0, ""), "E", 2, _envs(1, 2))
     assert outcome.recovered is True and [e.offset for e in outcome.envelopes] == [1, 2]
     assert decide_recovery(Position(0, ""), None, 0, []).recovered is True
+
+
+# Edge cases of recovery with plain values: whatever the offsets, the decision costs
+# no more than the kept history (a client chooses ``since``; Redis's counter may be huge).
+
+
+def test_a_gap_in_the_history_is_not_recovered():
+    outcome = decide_recovery(Position(3, "E"), "E", 7, _envs(4, 5, 7))
+    assert outcome.recovered is False and outcome.envelopes == () and outcome.position == Position(7, "E")
+
+
+def test_a_duplicated_entry_is_not_taken_for_a_missing_one():
+    assert decide_recovery(Position(3, "E"), "E", 6, _envs(4, 5, 5)).recovered is False
+    assert decide_recovery(Position(3, "E"), "E", 5, _envs(4, 4, 5)).recovered is False
+
+
+def test_entries_the_client_already_has_are_not_sent_again():
+    outcome = decide_recovery(Position(4, "E"), "E", 6, _envs(3, 4, 5, 6))
+    assert outcome.recovered is True and [e.offset for e in outcome.envelopes] == [5, 6]
+
+
+def test_a_position_ahead_of_the_channel_with_history_is_not_recovered():
+    outcome = decide_recovery(Position(9, "E"), "E", 6, _envs(4, 5, 6))
+    assert outcome.recovered is False and outcome.envelopes == () and outcome.position == Position(6, "E")
+
+
+def test_an_empty_history_recovers_only_when_nothing_was_missed():
+    assert decide_recovery(Position(3, "E"), "E", 6, []).recovered is False
+    assert decide_recovery(Position(0, ""), "E", 6, []).recovered is False
+    assert decide_recovery(Position(6, "E"), "E", 6, []).recovered is True
+
+
+@pytest.mark.parametrize("top", [10**7, 10**12, 2**63 - 1])
+@pytest.mark.parametrize("since", [Position(0, ""), Position(5, "E")])
+def test_a_huge_counter_costs_no_more_than_the_history(top, since):
+    import tracemalloc
+
+    history = _envs(top - 1, top)
+    tracemalloc.start()
+    try:
+        outcome = decide_recovery(since, "E", top, history)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert outcome.recovered is False and outcome.envelopes == () and outcome.position == Position(top, "E")
+    assert peak < 64 * 1024
+
+
+def test_a_huge_counter_still_recovers_what_is_kept():
+    top = 10**12
+    outcome = decide_recovery(Position(top - 2, "E"), "E", top, _envs(top - 3, top - 2, top - 1, top))
+    assert outcome.recovered is True and [e.offset for e in outcome.envelopes] == [top - 1, top]
 
 
 # --------------------------------------------------------------------------- limits and handshake
