@@ -88,6 +88,20 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def rss_kb(pids: list[int]) -> int:
+    """Return the summed resident set size of ``pids`` in KiB (VmRSS of /proc/<pid>/status)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return total
+
+
 def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -66,16 +66,21 @@ def _connect(target: Any) -> socket.socket:
     return conn
 
 
+def _read_until(conn: socket.socket, end: bytes) -> bytes:
+    data = b""
+    while end not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def status_line(target: Any, variables: dict[str, str]) -> bytes:
     """Send one hand-over to the websocket instance; return the first line of its answer."""
     with _connect(target) as conn:
         conn.sendall(uwsgi_packet(variables))
-        data = b""
-        while b"\r\n" not in data:
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            data += chunk
+        data = _read_until(conn, b"\r\n")
     return data.split(b"\r\n", 1)[0]
 
 
@@ -83,13 +88,7 @@ def open_direct(target: Any, variables: dict[str, str]) -> tuple[socket.socket, 
     """Hand a websocket over directly; return the socket and the bytes after the 101 answer."""
     conn = _connect(target)
     conn.sendall(uwsgi_packet(variables))
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
+    head, _, rest = _read_until(conn, b"\r\n\r\n").partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 101"):
         conn.close()
         raise AssertionError(f"handshake refused: {head[:100]!r}")

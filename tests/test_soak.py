@@ -20,25 +20,12 @@ import urllib.parse
 import pytest
 
 import django_ws
-from tests.conftest import cmdline, descendants
+from tests.conftest import cmdline, descendants, rss_kb
 
 MINUTES = float(os.environ.get("SOAK_MINUTES", "1"))
 CONNECTIONS = int(os.environ.get("SOAK_CONNECTIONS", "1000"))
 RATE = float(os.environ.get("SOAK_RATE", "20"))  # messages per second
 CHURN = float(os.environ.get("SOAK_CHURN", "0.02"))  # share of connections cycled per second
-
-
-def _rss_kb(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-        except FileNotFoundError:
-            pass
-    return total
 
 
 class Client:
@@ -125,7 +112,7 @@ def test_soak_nothing_lost_nothing_grows(offload_stack, redis_server, facility):
                 await client.connect(published)
 
         await asyncio.gather(*(start(c) for c in clients))
-        rss_start = _rss_kb(ws_pids)
+        rss_start = rss_kb(ws_pids)
         redis_start = redis_server.worker_connections()
         stop_at = time.monotonic() + MINUTES * 60
         producer = asyncio.create_task(publisher(stop_at))
@@ -147,7 +134,7 @@ def test_soak_nothing_lost_nothing_grows(offload_stack, redis_server, facility):
         deadline = time.monotonic() + 60
         while any(not c.received or c.received[-1] != last for c in clients) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        rss_end = _rss_kb(ws_pids)
+        rss_end = rss_kb(ws_pids)
         redis_end = redis_server.worker_connections()
         await asyncio.gather(*(c.close() for c in clients))
         return clients, rss_start, rss_end, redis_start, redis_end

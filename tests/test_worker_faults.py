@@ -121,7 +121,7 @@ def test_one_stalled_client_among_200_readers_of_2000_messages(project, tmp_path
 
     import websockets
 
-    from tests.test_soak import _rss_kb
+    from tests.conftest import rss_kb
 
     stack = start_stack("single", project, tmp_path)
     url = stack.url(f"/ws/{facility}?subscribe-broadcast")
@@ -137,7 +137,7 @@ def test_one_stalled_client_among_200_readers_of_2000_messages(project, tmp_path
                 pass
         stalled.transport.pause_reading()  # stop reading, like a frozen tab
         ws_pids = [stack.procs[0].pid, *descendants(stack.procs[0].pid)]
-        rss_before = _rss_kb(ws_pids)
+        rss_before = rss_kb(ws_pids)
         peak = rss_before
 
         async def read_all(ws):
@@ -155,9 +155,9 @@ def test_one_stalled_client_among_200_readers_of_2000_messages(project, tmp_path
         for i in range(2000):
             await loop.run_in_executor(None, lambda i=i: django_ws.publish(facility, f"{i}:{chunk}", broadcast=True))
             if i % 100 == 0:
-                peak = max(peak, _rss_kb(ws_pids))
+                peak = max(peak, rss_kb(ws_pids))
         counts = await asyncio.gather(*reading)
-        peak = max(peak, _rss_kb(ws_pids))
+        peak = max(peak, rss_kb(ws_pids))
         stalled.transport.resume_reading()
         received, code = 0, None
         try:

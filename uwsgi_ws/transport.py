@@ -71,7 +71,28 @@ class Transport(Protocol):
 
 
 class _SendQueue:
-    """Bookkeeping of the bytes a transport accepted and has not written yet."""
+    """Bookkeeping of the bytes a transport accepted and has not written yet, and what
+    both socket transports do alike on top of their ``_sock`` and ``recv``."""
+
+    _sock: _socket.socket  # socket.socket is a subclass
+    closed: bool
+
+    def recv(self, timeout: float) -> bytes | None:
+        raise NotImplementedError
+
+    def linger(self, timeout: float) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            data = self.recv(left)
+            if not data:  # the client closed too (b""), or time is up (None)
+                return
 
     def __init__(self) -> None:
         self._queue: collections.deque[memoryview] = collections.deque()
@@ -211,20 +232,6 @@ class GeventSocketTransport(_SendQueue):
         # loop (getswitchinterval, 5 ms), after which it polls for I/O again.
         gevent.sleep(delay)
 
-    def linger(self, timeout: float) -> None:
-        try:
-            self._sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            return
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            data = self.recv(left)
-            if not data:  # the client closed too (b""), or time is up (None)
-                return
-
     def drain(self, timeout: float) -> bool:
         if not self._queue:
             return not self.closed
@@ -346,20 +353,6 @@ class ThreadedSocketTransport(_SendQueue):
 
     def cooperate(self, delay: float = 0.0) -> None:
         time.sleep(delay)  # each connection has its own thread: just let the others run
-
-    def linger(self, timeout: float) -> None:
-        try:
-            self._sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            return
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            data = self.recv(left)
-            if not data:  # the client closed too (b""), or time is up (None)
-                return
 
     def drain(self, timeout: float) -> bool:
         with self._cond:

@@ -14,7 +14,7 @@ import struct
 import threading
 import time
 
-from tests.conftest import Stack, cmdline, descendants
+from tests.conftest import Stack, cmdline, descendants, rss_kb
 
 OP_TEXT = 0x1
 OP_CLOSE = 0x8
@@ -36,20 +36,6 @@ def websocket_worker_pids(stack: Stack) -> list[int]:
     if stack.mode == "offload":
         return [pid for pid in descendants(root) if "uwsgi.ini.example:websocket" in cmdline(pid)]
     return [root, *descendants(root)]
-
-
-def rss_kb(pids: list[int]) -> int:
-    """Return the summed resident set size of ``pids`` in KiB (VmRSS of /proc/<pid>/status)."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-        except FileNotFoundError:
-            pass
-    return total
 
 
 class RawWebSocket:

@@ -12,7 +12,7 @@ import pytest
 import websocket
 
 import django_ws
-from tests.conftest import WS, start_stack, stop, wait_for
+from tests.conftest import WS, rss_kb, start_stack, stop, wait_for
 from tests.security.hostile_clients import (
     OP_CLOSE,
     OP_PING,
@@ -21,7 +21,6 @@ from tests.security.hostile_clients import (
     Flood,
     RawWebSocket,
     client_frame,
-    rss_kb,
     websocket_worker_pids,
 )
 from uwsgi_ws.protocol import Audience, Kind, channel_name, meta_key
