@@ -16,7 +16,6 @@ import { createRequire } from "node:module";
 import { mkdirSync, readFileSync, writeFileSync, copyFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { gzipSync } from "node:zlib";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const STATIC = join(HERE, "..", "django_ws", "static", "django_ws");
@@ -100,7 +99,7 @@ async function main() {
   for (const name of FILES) copyFileSync(join(STATIC, name), join(DIST, name));
   for (const name of FILES.slice(0, 3)) {
     const bytes = readFileSync(join(STATIC, name));
-    console.log(`${name}: ${bytes.length} bytes, ${gzipSync(bytes, { level: 9 }).length} gzipped`);
+    console.log(`${name}: ${bytes.length} bytes`);
   }
 }
 
