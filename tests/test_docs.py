@@ -181,8 +181,13 @@ def test_the_api_reference_documents_every_public_name(html):
 
     ids = parse(html / "reference" / "api.html").ids
     expected = {f"django_ws.{name}" for name in ("publish", "disconnect")}
-    expected |= {f"uwsgi_ws.exceptions.{name}" for name in dir(exceptions) if name[0].isupper()
-                 and isinstance(getattr(exceptions, name), type) and issubclass(getattr(exceptions, name), Exception)}
+    expected |= {
+        f"uwsgi_ws.exceptions.{name}"
+        for name in dir(exceptions)
+        if name[0].isupper()
+        and isinstance(getattr(exceptions, name), type)
+        and issubclass(getattr(exceptions, name), Exception)
+    }
     expected |= {f"django_ws.testing.{name}" for name in django_ws.testing.__all__}
     for name in django_ws.__all__:
         if name not in ("publish", "disconnect"):

@@ -63,8 +63,10 @@ def test_every_documented_variable_takes_effect(redis_server, project, tmp_path,
     run = start(INI, env, tmp_path)
     try:
         run.wait_serving()
-        wait_for(lambda: "spawned uWSGI worker 2 (pid: " in run.text() and "cores: 55)" in run.text(),
-                 what="the websocket instance's workers")
+        wait_for(
+            lambda: "spawned uWSGI worker 2 (pid: " in run.text() and "cores: 55)" in run.text(),
+            what="the websocket instance's workers",
+        )
         ws = WS(f"ws://127.0.0.1:{port}/ws/{facility}-other?subscribe-broadcast")
         try:
             ws.ready()
@@ -97,4 +99,3 @@ def test_the_documented_list_is_read_from_the_ini():
     names = documented_variables()
     assert {"DJANGO_WS_SECRET", "DJANGO_WS_PROCESSES", "DJANGO_WS_THREADS", "UWSGI_LISTEN"} <= names
     assert "UWSGI_BIN" not in names
-

@@ -88,7 +88,9 @@ def test_npm_pack_makes_an_installable_package_whose_tests_pass(tmp_path: Path) 
     with tarfile.open(tarball) as tar:
         names = sorted(tar.getnames())
         tar.extractall(tmp_path / "unpacked", filter="data")
-    expected = {f"package/dist/{name}" for name in ("django_ws.mjs", "django_ws.js", "django_ws.min.js", "django_ws.d.ts")}
+    expected = {
+        f"package/dist/{name}" for name in ("django_ws.mjs", "django_ws.js", "django_ws.min.js", "django_ws.d.ts")
+    }
     assert expected <= set(names)
     assert "package/package.json" in names
     assert not [n for n in names if "node_modules" in n or n.endswith("build.mjs")]

@@ -11,7 +11,7 @@ from django.test import RequestFactory
 from tests.conftest import WS
 from uwsgi_ws.protocol import parse_query
 
-SCRIPT = "{% load django_ws %}<script>const url = \"{% websocket_url facility query %}\";</script>"
+SCRIPT = '{% load django_ws %}<script>const url = "{% websocket_url facility query %}";</script>'
 
 
 def render(host: str, facility: str, query: str, *, secure: bool = False) -> str:
