@@ -50,4 +50,3 @@ napoleon_numpy_docstring = False
 
 html_theme = "furo"
 html_title = f"django-uwsgi-ws {release}"
-html_static_path = ["_static"]
