@@ -74,6 +74,28 @@ def test_committed_builds_are_those_of_the_module() -> None:
 
 
 @needs_build_tools
+def test_the_type_declarations_compile_and_refuse_wrong_use() -> None:
+    """tsc --strict on client/typecheck/usage.ts: right uses compile, each @ts-expect-error is one."""
+    run(
+        [
+            str(PACKAGE / "node_modules" / ".bin" / "tsc"),
+            "--noEmit",
+            "--strict",
+            "--lib",
+            "es2020,dom",
+            "--target",
+            "es2020",
+            "--module",
+            "es2020",
+            "--moduleResolution",
+            "bundler",
+            "typecheck/usage.ts",
+        ],
+        PACKAGE,
+    )
+
+
+@needs_build_tools
 def test_node_unit_tests() -> None:
     run([NODE, "client/build.mjs", "--check"], ROOT)  # fills client/dist, which the tests import
     run([NODE, "--test", "client/test/"], ROOT)
