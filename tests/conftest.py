@@ -284,19 +284,23 @@ def private_dir(parent: Path, name: str = "run") -> Path:
     return path
 
 
-def start_stack(mode: str, project: Project, tmp: Path, **extra: str) -> Stack:
+def start_stack(
+    mode: str, project: Project, tmp: Path, *, root: Path = ROOT, bin_dir: Path = BIN, **extra: str
+) -> Stack:
     """Start a server: "offload" (front + websocket instance), "single" (one gevent
     uWSGI) or "runserver" (Django's development server).
 
     The offload stack's websocket instance listens on a unix socket in a private
     directory under ``tmp``, as the ini's default does; ``DJANGO_WS_OFFLOAD_TO`` in
-    ``extra`` puts it elsewhere (``127.0.0.1:<port>`` for TCP).
+    ``extra`` puts it elsewhere (``127.0.0.1:<port>`` for TCP). ``root`` (the directory
+    of the ini and of ``example/``) and ``bin_dir`` (the virtualenv's bin, with python
+    and uwsgi) default to this checkout and its virtualenv.
     """
     port = free_port()
     env = {
         **os.environ,
         **project.env,
-        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
         "DJANGO_WS_HTTP": f"127.0.0.1:{port}",
         "DJANGO_WS_PROCESSES": "1",
         "DJANGO_WS_THREADS": "1",
@@ -318,13 +322,14 @@ def start_stack(mode: str, project: Project, tmp: Path, **extra: str) -> Stack:
             ws_port = int(address.rsplit(":", 1)[1])
     log = tmp / f"server-{mode}.log"
     if mode == "runserver":
-        command = [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"]
-        cwd = EXAMPLE
+        python = sys.executable if bin_dir == BIN else str(bin_dir / "python")
+        command = [python, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"]
+        cwd = root / "example"
     else:
         # The listen queue (1024) and everything else come from the ini, as documented.
         section = "uwsgi.ini.example" if mode == "offload" else "uwsgi.ini.example:single"
-        command = [str(UWSGI), "--ini", section]
-        cwd = ROOT
+        command = [str(bin_dir / "uwsgi"), "--ini", section]
+        cwd = root
     proc = subprocess.Popen(
         command,
         cwd=cwd,
