@@ -150,22 +150,34 @@ def test_one_stalled_client_among_200_readers_of_2000_messages(project, tmp_path
                     got += 1
             return got
 
-        reading = [asyncio.create_task(read_all(ws)) for ws in readers]
+        async def cut_off():
+            # Resume reading once the server has cut the client off (its log says so),
+            # not at the end: a closed socket's unsent data is kept by the kernel only
+            # so long (an orphaned connection is dropped after its window probes), and
+            # on a loaded machine the end may come after that.
+            deadline = loop.time() + 200
+            while "closing slow consumer" not in stack.log.read_text(errors="replace"):
+                assert loop.time() < deadline, "the stalled client was never cut off"
+                await asyncio.sleep(0.05)
+            stalled.transport.resume_reading()
+            received = 0
+            try:
+                while True:
+                    await asyncio.wait_for(stalled.recv(), 30)
+                    received += 1
+            except websockets.ConnectionClosed as closed:
+                return received, closed.rcvd.code if closed.rcvd else None
+
         loop = asyncio.get_running_loop()
+        reading = [asyncio.create_task(read_all(ws)) for ws in readers]
+        cutting = asyncio.create_task(cut_off())
         for i in range(2000):
             await loop.run_in_executor(None, lambda i=i: django_ws.publish(facility, f"{i}:{chunk}", broadcast=True))
             if i % 100 == 0:
                 peak = max(peak, rss_kb(ws_pids))
         counts = await asyncio.gather(*reading)
         peak = max(peak, rss_kb(ws_pids))
-        stalled.transport.resume_reading()
-        received, code = 0, None
-        try:
-            while True:
-                await asyncio.wait_for(stalled.recv(), 30)
-                received += 1
-        except websockets.ConnectionClosed as closed:
-            code = closed.rcvd.code if closed.rcvd else None
+        received, code = await cutting
         for ws in readers:
             await ws.close()
         return counts, received, code, rss_before, peak
@@ -180,5 +192,8 @@ def test_one_stalled_client_among_200_readers_of_2000_messages(project, tmp_path
         f"before being closed (code {code}); websocket instance RSS {rss_before} kB, peak {peak} kB"
     )
     assert counts == [2000] * 200
-    assert received < 2000 and code in (4008, None)
+    # Cut off once, while short of the 2,000: whether its 4008 frame got through
+    # depends on how fast it read after the cut (printed above, not asserted).
+    assert stack.log.read_text(errors="replace").count("closing slow consumer") == 1
+    assert received < 2000
     assert peak - rss_before < 32_000  # bounded: the stalled client's 6 MB were not all kept
