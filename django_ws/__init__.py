@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from uwsgi_ws.exceptions import InvalidArgument, PublishError, UnsupportedType, WebSocketError
 
+from .presence import presence, presence_count
 from .publishing import disconnect, publish
 
-__all__ = ["disconnect", "publish", "InvalidArgument", "PublishError", "UnsupportedType", "WebSocketError"]
+__all__ = ["disconnect", "presence", "presence_count", "publish", "InvalidArgument", "PublishError", "UnsupportedType", "WebSocketError"]

@@ -48,6 +48,7 @@ from .protocol import (
     client_frame,
     decide_recovery,
     encode_event_id,
+    presence_channel,
     sse_event,
     sse_message_data,
     text_frame,
@@ -152,6 +153,10 @@ class SessionCore:
         self.state = State.SUBSCRIBING
         self.close_code: int | None = None
         self.labels = {channel: label for label, channel in ticket.subscribe.items()}
+        # join/leave channel -> the label of the channel it tells about
+        self._events_of = {presence_channel(c): self.labels[c] for c in ticket.presence_events if c in self.labels}
+        #: The join/leave channels the driver subscribes to besides ``labels``.
+        self.event_channels = tuple(self._events_of)
         self.positions: dict[str, Position] = {}
         # channels whose history is being read: their live messages wait here
         self._held: dict[str, list[tuple[Envelope, bytes | None]]] = {c: [] for c in self.labels}
@@ -249,6 +254,10 @@ class SessionCore:
         """
         if self.state is State.CLOSING or self.state is State.CLOSED:
             return None  # nothing after Close
+        if self._events_of:
+            label = self._events_of.get(channel)
+            if label is not None:
+                return self._presence_event(label, envelope)
         if self._held:
             held = self._held.get(channel)
             if held is not None:
@@ -419,6 +428,22 @@ class SessionCore:
             "recovered": recovered,
         }
         return self._control("subscribed", document)
+
+    def _presence_event(self, label: str, envelope: Envelope) -> bytes | None:
+        """A join or leave of ``label``'s members, as a control frame (None: not now)."""
+        if self.state is not State.OPEN:
+            return None  # the client reads the roster once ready
+        try:
+            document = json.loads(envelope.payload)
+            kind, user = document["type"], document["user"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        if kind not in ("join", "leave") or not isinstance(user, str):
+            return None
+        event: dict[str, object] = {"type": kind, "channel": label, "user": user}
+        if kind == "join":
+            event["info"] = document.get("info")
+        return self._control(kind, event)
 
     def _ready_frame(self) -> bytes:
         # sender: this connection's id; event-stream clients mark their POSTs with it,

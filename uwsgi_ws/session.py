@@ -53,6 +53,7 @@ from .transport import Transport
 
 if TYPE_CHECKING:
     from .control import Controller
+    from .presence import PresenceTracker
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class Session:
         subscribe_timeout: seconds to wait for Redis to confirm subscriptions.
         controller: the worker's controller, which closes connections on Django's
             orders (``disconnect()``); None: no orders are followed.
+        presence: the worker's presence tracker, which lists the connection in the
+            channels of ``ticket.presence``; None: it is listed nowhere.
         clock: monotonic clock (for tests).
     """
 
@@ -95,6 +98,7 @@ class Session:
         *,
         subscribe_timeout: float = 10.0,
         controller: Controller | None = None,
+        presence: PresenceTracker | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ticket = ticket
@@ -102,6 +106,7 @@ class Session:
         self.hub = hub
         self.store = store
         self.controller = controller
+        self.presence = presence
         self.tags = ticket.tags
         self.started = time.time()
         self.id = os.urandom(8).hex().encode("ascii")
@@ -137,8 +142,10 @@ class Session:
 
     def run(self) -> None:
         """Serve the connection until either side closes it."""
-        channels = list(self.core.labels)
+        channels = [*self.core.labels, *self.core.event_channels]
         controlled = False
+        listed: tuple[str, ...] = ()
+        ticket = self.ticket
         try:
             try:
                 if self.controller is not None:
@@ -146,6 +153,18 @@ class Session:
                     controlled = True
                 if channels:
                     self.hub.subscribe(self, channels, timeout=self._subscribe_timeout)
+                if self.presence is not None and ticket.presence:
+                    # Listed before the client is ready: a roster it reads then has it.
+                    self.presence.join(
+                        self.id.decode("ascii"),
+                        ticket.presence,
+                        user=ticket.presence_user,
+                        info=ticket.presence_info,
+                        ttl=ticket.presence_ttl,
+                        stream_size=ticket.presence_stream,
+                        since=self.started,
+                    )
+                    listed = ticket.presence
             except RedisUnavailable as exc:  # SubscribeTimeout among them
                 logger.warning("closing the connection of %s: Redis unavailable (%s)", self.ticket.identity, exc)
                 self._perform(self._step(self.core.failed))
@@ -156,6 +175,11 @@ class Session:
             logger.exception("websocket session of %s failed", self.ticket.identity)
             self._step(self.core.close, CLOSE_INTERNAL_ERROR, "internal error")
         finally:
+            if listed:
+                assert self.presence is not None
+                self.presence.leave(
+                    self.id.decode("ascii"), listed, user=ticket.presence_user, stream_size=ticket.presence_stream
+                )
             if controlled:
                 assert self.controller is not None
                 self.controller.remove(self)

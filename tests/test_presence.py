@@ -1,0 +1,113 @@
+"""Presence: who is connected per channel, on every server and across instances.
+
+Real servers, real websockets: members and their tabs, anonymous connections counted
+and not listed, the browser's GET, a killed worker's members gone within the TTL.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+
+import pytest
+
+import django_ws
+from tests.conftest import WS, ancestors, start_stack, stop, wait_for
+from uwsgi_ws.presence import Occupancy
+
+
+def roster(facility: str, **channel):
+    return django_ws.presence(facility, **channel).to_dict()
+
+
+def members(facility: str, **channel) -> dict[str, int]:
+    return {m["user"]: m["connections"] for m in roster(facility, **channel)["members"]}
+
+
+def get(stack, path: str, session: str | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=10)
+    headers = {"Host": f"127.0.0.1:{stack.port}", "Sec-Fetch-Site": "same-origin"}
+    if session:
+        headers["Cookie"] = f"sessionid={session}"
+    conn.request("GET", path, headers=headers)
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    return response.status, body
+
+
+def test_members_tabs_and_anonymous_counts(stack, project, connect, facility):
+    alice, bob = project.cookie("alice"), project.cookie("bob")
+    tabs = [connect("subscribe-broadcast", session=alice) for _ in range(2)]
+    others = [connect("subscribe-broadcast", session=bob), connect("subscribe-broadcast")]
+    for ws in tabs + others:
+        ws.ready()
+    listed = roster(facility, broadcast=True)
+    assert {m["user"]: m["connections"] for m in listed["members"]} == {"alice": 2, "bob": 1}
+    assert (listed["anonymous"], listed["connections"], listed["users"]) == (1, 4, 2)
+    assert django_ws.presence_count(facility, broadcast=True) == Occupancy(connections=4, users=2, anonymous=1)
+    # What a member shows: the example's PRESENCE_INFO, and never a session.
+    [first] = [m for m in listed["members"] if m["user"] == "alice"]
+    assert first["info"] == {"name": "alice"}
+    assert alice not in json.dumps(listed)
+    tabs[0].close()
+    wait_for(lambda: members(facility, broadcast=True) == {"alice": 1, "bob": 1}, what="one tab closed")
+    for ws in tabs[1:] + others:
+        ws.close()
+    wait_for(lambda: django_ws.presence_count(facility, broadcast=True) == Occupancy(0, 0, 0), what="all gone")
+    assert roster(facility, broadcast=True)["members"] == []
+
+
+def test_group_and_user_channels(stack, project, connect, facility):
+    bob, carol = project.cookie("bob"), project.cookie("carol")
+    for key in (bob, carol):
+        connect("subscribe-group&subscribe-user&subscribe-session", session=key).ready()
+    assert members(facility, group="blue team") == {"bob": 1, "carol": 1}
+    assert members(facility, user="bob") == {"bob": 1}
+    assert members(facility, group="red") == {}
+
+
+def test_the_browser_reads_a_roster_it_may_subscribe_to(stack, project, connect, facility):
+    carol = project.cookie("carol")
+    connect("subscribe-group", session=carol).ready()
+    status, body = get(stack, f"/ws/{facility}?presence=group:blue%20team", session=carol)
+    assert status == 200
+    answer = json.loads(body)
+    assert answer["channel"] == "group:blue team"
+    assert [(m["user"], m["connections"]) for m in answer["members"]] == [("carol", 1)]
+
+
+def test_a_killed_workers_members_leave_within_the_ttl(project, redis_server, tmp_path, facility):
+    stack = start_stack("offload", project, tmp_path, DJANGO_WS_PRESENCE_TTL="2", DJANGO_WS_WORKERS="2")
+    try:
+        url = stack.url(f"/ws/{facility}?subscribe-broadcast")
+        sockets = []
+        for _ in range(40):  # until both workers hold someone
+            ws = WS(url, session=project.cookie("alice" if len(sockets) % 2 else "bob"))
+            ws.ready()
+            sockets.append(ws)
+            if len([p for p, c in redis_server.worker_connections().items() if c["hub"] and stack.procs[0].pid in ancestors(p)]) >= 2 and len(sockets) >= 4:
+                break
+        workers = [p for p, c in redis_server.worker_connections().items() if c["hub"] and stack.procs[0].pid in ancestors(p)]
+        assert len(workers) == 2
+        before = django_ws.presence_count(facility, broadcast=True).connections
+        assert before == len(sockets)
+        os.kill(workers[0], signal.SIGKILL)  # a worker of the stack this test started
+        # The other worker renews its lease every TTL/3 and removes the dead one's entries.
+        wait_for(
+            lambda: 0 < django_ws.presence_count(facility, broadcast=True).connections < before,
+            timeout=10,
+            what="the dead worker's entries removed",
+        )
+        alive = django_ws.presence(facility, broadcast=True).connections
+        assert alive == django_ws.presence_count(facility, broadcast=True).connections
+        for ws in sockets:
+            try:
+                ws.close()
+            except OSError:
+                pass
+    finally:
+        for proc in stack.procs:
+            stop(proc)
