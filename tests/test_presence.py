@@ -111,3 +111,66 @@ def test_a_killed_workers_members_leave_within_the_ttl(project, redis_server, tm
     finally:
         for proc in stack.procs:
             stop(proc)
+
+
+def presence_frames(ws: WS, fence: str) -> list[tuple[str, str]]:
+    """Read until the message ``fence``; return the (type, user) of the join/leave frames."""
+    seen = []
+    while True:
+        frame = ws.next()
+        if frame["type"] in ("join", "leave"):
+            seen.append((frame["type"], frame["user"]))
+        elif frame["type"] == "message" and frame["data"] == fence:
+            return seen
+
+
+def test_join_and_leave_once_per_user_not_per_tab(stack, project, connect, facility):
+    observer = connect("subscribe-broadcast&presence", session=project.cookie("carol"))
+    observer.ready()
+    alice = project.cookie("alice")
+    first = connect("subscribe-broadcast", session=alice)
+    first.ready()
+    frame = observer.next()
+    assert frame == {"type": "join", "channel": "broadcast", "user": "alice", "info": {"name": "alice"}}
+    second = connect("subscribe-broadcast", session=alice)
+    second.ready()
+    anonymous = connect("subscribe-broadcast")
+    anonymous.ready()
+    second.close()
+    anonymous.close()
+    wait_for(lambda: django_ws.presence_count(facility, broadcast=True).connections == 2, what="tab closed")
+    first.close()
+    frame = observer.next()
+    assert frame == {"type": "leave", "channel": "broadcast", "user": "alice"}
+    django_ws.publish(facility, "fence", broadcast=True)
+    assert presence_frames(observer, "fence") == []  # nothing for the second tab, nothing anonymous
+
+
+def test_without_asking_no_presence_frames(stack, project, connect, facility):
+    plain = connect("subscribe-broadcast", session=project.cookie("carol"))
+    plain.ready()
+    connect("subscribe-broadcast", session=project.cookie("alice")).ready()
+    django_ws.publish(facility, "fence", broadcast=True)
+    assert presence_frames(plain, "fence") == []
+
+
+def test_event_streams_get_join_and_leave_events(offload_stack, project, facility):
+    conn = http.client.HTTPConnection("127.0.0.1", offload_stack.port, timeout=10)
+    conn.request(
+        "GET",
+        f"/ws/{facility}?subscribe-broadcast&presence",
+        headers={"Accept": "text/event-stream", "Host": f"127.0.0.1:{offload_stack.port}"},
+    )
+    response = conn.getresponse()
+    assert response.status == 200
+    received = b""
+    while b"event: ready" not in received:
+        received += response.read1(65536)
+    bob = WS(offload_stack.url(f"/ws/{facility}?subscribe-broadcast"), session=project.cookie("bob"))
+    bob.ready()
+    bob.close()
+    while b"event: leave" not in received:
+        received += response.read1(65536)
+    assert b'event: join\ndata: {"type":"join","channel":"broadcast","user":"bob","info":{"name":"bob"}}\n' in received
+    assert b'event: leave\ndata: {"type":"leave","channel":"broadcast","user":"bob"}\n' in received
+    conn.close()

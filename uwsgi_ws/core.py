@@ -440,6 +440,10 @@ class SessionCore:
             return None
         if kind not in ("join", "leave") or not isinstance(user, str):
             return None
+        if user and user == self.ticket.presence_user:
+            # Its own user: the join is this very connection's (it may arrive before or
+            # after ready, depending on the Hub), and no leave can come while it is open.
+            return None
         event: dict[str, object] = {"type": kind, "channel": label, "user": user}
         if kind == "join":
             event["info"] = document.get("info")

@@ -423,10 +423,18 @@ class PresenceTracker:
         prefix: the project's Redis prefix (names its index and stream).
         publish_command: ``PUBLISH`` or ``SPUBLISH``, for the join/leave events.
         worker: this worker's id in the entries (random by default).
+        background: renew the leases in a thread of its own, started by the first
+            join; False leaves calling :meth:`renew` to the caller.
     """
 
     def __init__(
-        self, client: redis.Redis, prefix: str, *, publish_command: str = "PUBLISH", worker: str | None = None
+        self,
+        client: redis.Redis,
+        prefix: str,
+        *,
+        publish_command: str = "PUBLISH",
+        worker: str | None = None,
+        background: bool = True,
     ) -> None:
         self.client = client
         self.prefix = prefix
@@ -437,6 +445,7 @@ class PresenceTracker:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._background = background
 
     def _emit(self, changes: list[Change], stream_size: int) -> None:
         try:
@@ -562,7 +571,7 @@ class PresenceTracker:
         return changes
 
     def _start(self) -> None:
-        if self._thread is not None:
+        if self._thread is not None or not self._background:
             return
         with self._lock:
             if self._thread is not None:

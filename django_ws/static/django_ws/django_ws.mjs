@@ -23,6 +23,7 @@ export const {
   decodeEventData,
   readCookie,
   streamUrl,
+  presenceUrl,
   EventStreamSocket,
   isValidPosition,
   CLOSE_CODES,
