@@ -174,3 +174,57 @@ def test_event_streams_get_join_and_leave_events(offload_stack, project, facilit
     assert b'event: join\ndata: {"type":"join","channel":"broadcast","user":"bob","info":{"name":"bob"}}\n' in received
     assert b'event: leave\ndata: {"type":"leave","channel":"broadcast","user":"bob"}\n' in received
     conn.close()
+
+
+def test_two_websocket_instances_share_one_roster_and_its_events(project, tmp_path, facility):
+    """OFFLOAD_TO with two instances: hand-overs take turns, the roster and the
+    join/leave events span both."""
+    import subprocess
+
+    from tests.conftest import ROOT, UWSGI, unix_socket_open
+
+    first, second = tmp_path / "ws1.sock", tmp_path / "ws2.sock"
+    env = {**os.environ, **project.env, "DJANGO_WS_OFFLOAD_TO": str(second), "DJANGO_WS_ASYNC": "100"}
+    log = (tmp_path / "second.log").open("wb")
+    other = subprocess.Popen(
+        [str(UWSGI), "--ini", "uwsgi.ini.example:websocket"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    stack = None
+    try:
+        wait_for(lambda: unix_socket_open(str(second)), what="second websocket instance", timeout=30)
+        stack = start_stack(
+            "offload", project, tmp_path, DJANGO_WS_OFFLOAD_TO=str(first), EXAMPLE_OFFLOAD_TO=f"{first},{second}"
+        )
+        url = stack.url(f"/ws/{facility}?subscribe-broadcast&presence")
+        observer = WS(url, session=project.cookie("carol"))  # on one instance
+        observer.ready()
+        tabs = [WS(url, session=project.cookie("alice")) for _ in range(2)]  # one on each
+        for ws in tabs:
+            ws.ready()
+        assert members(facility, broadcast=True) == {"alice": 2, "carol": 1}
+        bob = WS(url, session=project.cookie("bob"))
+        bob.ready()
+        for ws in tabs:
+            ws.close()
+        bob.close()
+        wait_for(lambda: members(facility, broadcast=True) == {"carol": 1}, what="leaves")
+        events = []
+        while len(events) < 4:
+            frame = observer.next()
+            events.append((frame["type"], frame["user"]))
+        assert sorted(events) == [("join", "alice"), ("join", "bob"), ("leave", "alice"), ("leave", "bob")]
+        assert events.index(("join", "alice")) < events.index(("leave", "alice"))
+        django_ws.publish(facility, "fence", broadcast=True)
+        assert presence_frames(observer, "fence") == []
+        observer.close()
+        # uWSGI logs a request when it ends: the second instance served some of them.
+        wait_for(
+            lambda: (tmp_path / "second.log").read_text().count(f"GET /ws/{facility}") >= 2,
+            what="the second instance's request log",
+        )
+    finally:
+        if stack is not None:
+            for proc in stack.procs:
+                stop(proc)
+        stop(other)
+        log.close()
