@@ -80,6 +80,9 @@ DEFAULTS: dict[str, Any] = {
     # Seconds after which a connection is closed (code 4010) so that its client
     # reconnects and is authorized again with its current rights; None: never.
     "MAX_CONNECTION_AGE": None,
+    # When a user leaves a group (User.groups, m2m_changed), end that group's
+    # subscriptions of the user's open connections (django_ws.unsubscribe).
+    "UNSUBSCRIBE_ON_GROUP_REMOVAL": True,
     # Presence: list each connection under its user (anonymous ones are counted) in
     # the broadcast, user and group channels it subscribes to.
     "PRESENCE": True,
@@ -169,6 +172,7 @@ class WsSettings:
     publish_command: str
     disconnect_on_logout: bool
     max_connection_age: float | None
+    unsubscribe_on_group_removal: bool
     presence: bool
     presence_ttl: float
     presence_info: Callable[..., Any] | None
@@ -329,6 +333,7 @@ def _read() -> WsSettings:
         publish_command=publish_command,
         disconnect_on_logout=bool(s["DISCONNECT_ON_LOGOUT"]),
         max_connection_age=None if s["MAX_CONNECTION_AGE"] is None else _positive(s, "MAX_CONNECTION_AGE"),
+        unsubscribe_on_group_removal=bool(s["UNSUBSCRIBE_ON_GROUP_REMOVAL"]),
         presence=bool(s["PRESENCE"]),
         presence_ttl=_positive(s, "PRESENCE_TTL"),
         presence_info=info_hook,

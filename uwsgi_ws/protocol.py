@@ -559,22 +559,55 @@ def encode_disconnect(order: Disconnect) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode("utf-8")
 
 
-def decode_control(payload: bytes) -> Disconnect:
-    """Parse a control message made by :func:`encode_disconnect`.
+@dataclass(frozen=True)
+class Unsubscribe:
+    """An order to end one subscription of every local connection carrying one of ``tags``.
+
+    ``audience`` is the client-facing label of the subscription to end
+    (``"group:staff"``, ``"broadcast"``, ``"user"``); ``facility`` limits it to one
+    facility (None: every facility). The connection stays open; ``issued`` works as
+    for :class:`Disconnect`.
+    """
+
+    tags: tuple[str, ...]
+    audience: str
+    facility: str | None = None
+    issued: float = 0.0
+
+
+def encode_unsubscribe(order: Unsubscribe) -> bytes:
+    """Return the control message carrying ``order``."""
+    document = {
+        "type": "unsubscribe",
+        "tags": list(order.tags),
+        "audience": order.audience,
+        "facility": order.facility,
+        "issued": order.issued,
+    }
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+
+def decode_control(payload: bytes) -> Disconnect | Unsubscribe:
+    """Parse a control message made by :func:`encode_disconnect` or :func:`encode_unsubscribe`.
 
     Raises:
         ValueError: not a control message this version understands.
     """
     try:
         document = json.loads(payload)
-        if not isinstance(document, dict) or document.get("type") != "disconnect":
-            raise ValueError("not a disconnect order")
+        if not isinstance(document, dict) or document.get("type") not in ("disconnect", "unsubscribe"):
+            raise ValueError("not a control order")
         tags = document["tags"]
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise ValueError("tags must be a list of strings")
         issued = document["issued"]
         if not isinstance(issued, (int, float)) or isinstance(issued, bool):
             raise ValueError("issued must be a number")
+        if document["type"] == "unsubscribe":
+            audience, facility = document["audience"], document["facility"]
+            if not isinstance(audience, str) or not (facility is None or isinstance(facility, str)):
+                raise ValueError("audience must be a string and facility a string or null")
+            return Unsubscribe(tuple(tags), audience, facility, float(issued))
         order = Disconnect(tuple(tags), document["code"], document["reason"], float(issued))
     except (KeyError, TypeError, UnicodeDecodeError) as exc:
         raise ValueError(f"malformed control message ({type(exc).__name__})") from None

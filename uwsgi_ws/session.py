@@ -137,6 +137,10 @@ class Session:
         self._lock: contextlib.AbstractContextManager[object] = (
             contextlib.nullcontext() if self._cooperative else threading.RLock()
         )
+        # The channels this connection is listed in (presence), and those ended on
+        # order whose Hub subscription and presence entry the session's thread removes.
+        self._listed: list[str] = []
+        self._ended: list[str] = []
 
     # ----------------------------------------------------------------- main loop
 
@@ -144,7 +148,6 @@ class Session:
         """Serve the connection until either side closes it."""
         channels = [*self.core.labels, *self.core.event_channels]
         controlled = False
-        listed: tuple[str, ...] = ()
         ticket = self.ticket
         try:
             try:
@@ -164,7 +167,7 @@ class Session:
                         stream_size=ticket.presence_stream,
                         since=self.started,
                     )
-                    listed = ticket.presence
+                    self._listed = list(ticket.presence)
             except RedisUnavailable as exc:  # SubscribeTimeout among them
                 logger.warning("closing the connection of %s: Redis unavailable (%s)", self.ticket.identity, exc)
                 self._perform(self._step(self.core.failed))
@@ -175,10 +178,11 @@ class Session:
             logger.exception("websocket session of %s failed", self.ticket.identity)
             self._step(self.core.close, CLOSE_INTERNAL_ERROR, "internal error")
         finally:
-            if listed:
+            self._release_ended()
+            if self._listed:
                 assert self.presence is not None
                 self.presence.leave(
-                    self.id.decode("ascii"), listed, user=ticket.presence_user, stream_size=ticket.presence_stream
+                    self.id.decode("ascii"), self._listed, user=ticket.presence_user, stream_size=ticket.presence_stream
                 )
             if controlled:
                 assert self.controller is not None
@@ -206,6 +210,8 @@ class Session:
             now = self._clock()
             if data == b"":
                 break
+            if self._ended:
+                self._release_ended()
             if data:
                 core.receive(data, now)
                 while self._finish is None:
@@ -348,6 +354,40 @@ class Session:
     def close_soon(self, code: int, reason: str) -> None:
         """Close with ``code`` from another greenlet or thread (never blocks)."""
         self._step(self.core.close, code, reason)
+
+    def unsubscribe_soon(self, audience: str, facility: str | None) -> bool:
+        """End the subscriptions to ``audience`` (in ``facility``, or any) from another
+        greenlet or thread (never blocks): nothing more is delivered on them at once;
+        the session's own thread then leaves the Hub's channel and the presence."""
+        from .protocol import parse_channel
+
+        with self._lock:
+            channels = []
+            for channel, label in self.core.labels.items():
+                if label == audience and (facility is None or parse_channel(channel)[1] == facility):
+                    channels.append(channel)
+            if not channels:
+                return False
+            self._apply(self.core.unsubscribe(channels))
+            self._ended += channels
+        self.transport.interrupt()
+        return True
+
+    def _release_ended(self) -> None:
+        """Leave the Hub's channels and the presence of subscriptions ended on order."""
+        with self._lock:
+            ended, self._ended = self._ended, []
+        if not ended:
+            return
+        from .protocol import presence_channel
+
+        self.hub.unsubscribe(self, [*ended, *(presence_channel(c) for c in ended)])
+        gone = [c for c in ended if c in self._listed]
+        if gone and self.presence is not None:
+            self._listed = [c for c in self._listed if c not in gone]
+            self.presence.leave(
+                self.id.decode("ascii"), gone, user=self.ticket.presence_user, stream_size=self.ticket.presence_stream
+            )
 
     def going_away(self) -> None:
         """Close with 1012 (service restart) from another greenlet or thread."""
