@@ -466,3 +466,32 @@ def test_event_streams_name_presence_events():
     core.history_read([state(0)])
     data = core.live(EVENTS, presence_env({"type": "leave", "user": "bob"}), None)
     assert data == b'event: leave\ndata: {"type":"leave","channel":"broadcast","user":"bob"}\n\n'
+
+
+# --------------------------------------------------------------------------- unsubscribe
+
+
+def test_unsubscribe_stops_a_channel_at_once_and_says_so():
+    core = SessionCore(ticket(subscribe={"broadcast": CHANNEL, "user": OTHER}), sender=ME, now=0.0)
+    started(core, state(0), state(0))
+    assert frames(core.unsubscribe([OTHER])) == [{"type": "unsubscribed", "channel": "user"}]
+    assert core.live(OTHER, env(1), None) is None
+    assert core.live(CHANNEL, env(1), None) is not None  # the other channel goes on
+    assert core.unsubscribe([OTHER]) == []  # once
+
+
+def test_unsubscribe_while_the_history_is_read():
+    core = SessionCore(ticket(subscribe={"broadcast": CHANNEL, "user": OTHER}), sender=ME, now=0.0)
+    core.subscribed()
+    core.live(OTHER, env(1), None)  # held during the read
+    core.unsubscribe([OTHER])
+    actions = core.history_read([state(0), state(1, [1])])
+    assert [f["type"] for f in frames(actions)] == ["subscribed", "ready"]
+    assert data_of(actions) == []
+
+
+def test_event_streams_name_the_unsubscribed_event():
+    core = EventStreamCore(ticket(), sender=ME, now=0.0)
+    started(core, state(0))
+    [send] = core.unsubscribe([CHANNEL])
+    assert send.data == b'event: unsubscribed\ndata: {"type":"unsubscribed","channel":"broadcast"}\n\n'
