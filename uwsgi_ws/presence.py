@@ -39,9 +39,9 @@ import redis
 from redis.exceptions import RedisClusterException, RedisError
 
 from .exceptions import PublishError, RedisUnavailable
-from .protocol import KIND_JSON, members_key, presence_events_key, presence_index_key, users_key, workers_key
+from .protocol import KIND_JSON, log_key, members_key, meta_key, presence_events_key, presence_index_key, users_key, workers_key
 from .protocol import presence_channel as events_channel
-from .store import Store, _Script, _text
+from .store import _PUBLISH, _Script, _text
 
 logger = logging.getLogger(__name__)
 
@@ -322,6 +322,12 @@ class Change:
     info: Any = None
 
 
+def publish_call(channel: str, kind: bytes, payload: bytes, publish_command: str) -> tuple[tuple[str, ...], tuple]:
+    """The publish script's call for one message kept in no history (see Store.publish)."""
+    ttl_ms = int(EVENTS_TTL * 1000)
+    return (meta_key(channel), log_key(channel), channel), (b"", kind, payload, 0, ttl_ms, publish_command, 0)
+
+
 def emit(
     client: redis.Redis,
     changes: Sequence[Change],
@@ -337,16 +343,19 @@ def emit(
     """
     if not changes:
         return
-    store = Store(client, publish_command=publish_command)
+    # One round trip for every event, however many a reaping produced.
+    calls = []
     for change in changes:
         if change.kind in ("joined", "left"):
             document = {"type": "join" if change.kind == "joined" else "leave", "user": change.user}
             if change.kind == "joined":
                 document["info"] = change.info
             payload = json.dumps(document, separators=(",", ":")).encode("utf-8")
-            store.publish(
-                [events_channel(change.channel)], KIND_JSON, payload, history_size=0, history_ttl=EVENTS_TTL
-            )
+            calls.append(publish_call(events_channel(change.channel), KIND_JSON, payload, publish_command))
+    try:
+        _PUBLISH.run_many(client, calls)
+    except (RedisError, RedisClusterException) as exc:
+        raise PublishError(f"could not announce presence changes: Redis error {type(exc).__name__}") from exc
     if stream_size > 0:
         pipe = client.pipeline(transaction=False)
         stamp = repr(time.time())
@@ -476,20 +485,27 @@ class PresenceTracker:
         ttl_ms = max(1000, int(ttl * 1000))
         entry = json.dumps({"u": user, "t": round(since, 3), "i": info}, separators=(",", ":"))
         name = f"{self.worker}:{connection}"
+        new = set()  # channels this worker had no connection in: the index must know them
         with self._lock:
             for channel in channels:
                 held = self._held.get(channel)
                 if held is None:
                     held = self._held[channel] = _Held(ttl, stream_size)
+                    new.add(channel)
                 held.ttl = min(held.ttl, ttl)
                 held.connections.add(connection)
         calls = [(_keys(c), (name, entry, user, self.worker, str(ttl_ms))) for c in channels]
         try:
             results = _JOIN.run_many(self.client, calls)
-            pipe = self.client.pipeline(transaction=False)
-            for channel, (_, _, lease) in zip(channels, results, strict=True):
-                pipe.zadd(presence_index_key(self.prefix), {channel: int(_text(lease))}, gt=True)
-            pipe.execute()
+            # Other joins skip this round trip: the renewals keep the index up to date,
+            # and a sweep of a channel some of whose workers still live removes nothing
+            # of theirs.
+            if new:
+                pipe = self.client.pipeline(transaction=False)
+                for channel, (_, _, lease) in zip(channels, results, strict=True):
+                    if channel in new:
+                        pipe.zadd(presence_index_key(self.prefix), {channel: int(_text(lease))}, gt=True)
+                pipe.execute()
         except (RedisError, RedisClusterException) as exc:
             self._forget(connection, channels)
             raise RedisUnavailable(f"could not record presence: Redis error {type(exc).__name__}") from exc
