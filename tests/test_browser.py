@@ -278,3 +278,23 @@ def test_forced_event_stream_without_a_proxy(browser, offload_stack):
     django_ws.publish("chat", {"from": "server", "text": "forced stream"}, broadcast=True)
     shows(page, "public", "forced stream")
     context.close()
+
+
+def test_the_demo_shows_who_is_online_in_each_room(browser, offload_stack):
+    base = offload_stack.http("")
+    bob = logged_in(browser, base, "bob")
+    online = "div.online[data-channel='{}'] b"
+    bob.locator(online.format("broadcast"), has_text="bob").wait_for(timeout=10000)
+    carol = logged_in(browser, base, "carol")
+    # bob's page hears carol join, in the public room and in their group's room.
+    bob.locator(online.format("broadcast"), has_text="bob, carol").wait_for(timeout=10000)
+    bob.locator(online.format("group:blue team"), has_text="bob, carol").wait_for(timeout=10000)
+    carol.locator(online.format("group:blue team"), has_text="bob, carol").wait_for(timeout=10000)
+    carol.context.close()  # her last tab: she leaves both rooms
+    for channel in ("broadcast", "group:blue team"):
+        bob.wait_for_function(
+            "(selector) => document.querySelector(selector).textContent === 'bob'",
+            arg=online.format(channel),
+            timeout=10000,
+        )
+    bob.context.close()
