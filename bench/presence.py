@@ -79,12 +79,21 @@ def main() -> None:
                 for i in range(n):
                     tracker = dead if i % 2 else live
                     # the dead worker's lease ends some seconds after its last join
-                    tracker.join(f"c{i}", [channel], user=f"user{i % users}", info=info, ttl=10.0 if i % 2 else 60.0,
-                                 stream_size=10000, since=time.time())
+                    tracker.join(
+                        f"c{i}",
+                        [channel],
+                        user=f"user{i % users}",
+                        info=info,
+                        ttl=10.0 if i % 2 else 60.0,
+                        stream_size=10000,
+                        since=time.time(),
+                    )
 
             elapsed, calls, usec = timed_calls(client, join_all)
-            print(f"join: {elapsed / n * 1e6:,.0f} µs per connection (wall, with events and stream), "
-                  f"Redis {usec / max(calls, 1):.1f} µs per script call ({calls:,} calls: join + the events' publish)")
+            print(
+                f"join: {elapsed / n * 1e6:,.0f} µs per connection (wall, with events and stream), "
+                f"Redis {usec / max(calls, 1):.1f} µs per script call ({calls:,} calls: join + the events' publish)"
+            )
             reads, counts = [], []
             for _ in range(20):
                 started = time.perf_counter()
@@ -94,23 +103,39 @@ def main() -> None:
                 occupancy = presence.count(client, channel)
                 counts.append(time.perf_counter() - started)
             assert roster.connections == n and occupancy.connections == n, (roster.connections, occupancy)
-            print(f"presence() with {n:,} connections ({len(roster.members):,} members): "
-                  f"{statistics.median(reads) * 1000:.1f} ms median; presence_count(): "
-                  f"{statistics.median(counts) * 1000:.2f} ms median")
-            memory = sum(client.memory_usage(k, samples=0) or 0 for k in
-                         (members_key(channel), users_key(channel), workers_key(channel)))
-            print(f"Redis memory of the channel's presence: {memory / 1024:,.0f} KiB "
-                  f"({memory / n:,.0f} bytes per connection)")
+            print(
+                f"presence() with {n:,} connections ({len(roster.members):,} members): "
+                f"{statistics.median(reads) * 1000:.1f} ms median; presence_count(): "
+                f"{statistics.median(counts) * 1000:.2f} ms median"
+            )
+            memory = sum(
+                client.memory_usage(k, samples=0) or 0
+                for k in (members_key(channel), users_key(channel), workers_key(channel))
+            )
+            print(
+                f"Redis memory of the channel's presence: {memory / 1024:,.0f} KiB "
+                f"({memory / n:,.0f} bytes per connection)"
+            )
             elapsed, calls, usec = timed_calls(client, live.renew)
-            print(f"lease renewal of one worker holding {n // 2:,} of them: {elapsed * 1000:.2f} ms wall, "
-                  f"{calls} script call(s), Redis {usec:.0f} µs (before the dead lease ends)")
-            wait_for(lambda: presence.count(client, channel).connections == n and
-                     presence.read(client, channel).connections == n // 2, 30, "the dead lease to end")
+            print(
+                f"lease renewal of one worker holding {n // 2:,} of them: {elapsed * 1000:.2f} ms wall, "
+                f"{calls} script call(s), Redis {usec:.0f} µs (before the dead lease ends)"
+            )
+            wait_for(
+                lambda: (
+                    presence.count(client, channel).connections == n
+                    and presence.read(client, channel).connections == n // 2
+                ),
+                30,
+                "the dead lease to end",
+            )
             left: list = []
             elapsed, calls, usec = timed_calls(client, lambda: left.extend(live.renew()))
-            print(f"reaping the dead worker's {n - n // 2:,} entries: {elapsed * 1000:.1f} ms wall, "
-                  f"Redis {usec / 1000:.1f} ms in {calls} script call(s) (the TOUCH among them), "
-                  f"{len([c for c in left if c.kind == 'left'])} leaves")
+            print(
+                f"reaping the dead worker's {n - n // 2:,} entries: {elapsed * 1000:.1f} ms wall, "
+                f"Redis {usec / 1000:.1f} ms in {calls} script call(s) (the TOUCH among them), "
+                f"{len([c for c in left if c.kind == 'left'])} leaves"
+            )
             remaining = [(f"c{i}", f"user{i % users}") for i in range(0, n, 2)]
 
             def leave_all() -> None:
@@ -118,8 +143,10 @@ def main() -> None:
                     live.leave(conn, [channel], user=user, stream_size=10000)
 
             elapsed, calls, usec = timed_calls(client, leave_all)
-            print(f"leave: {elapsed / len(remaining) * 1e6:,.0f} µs per connection (wall, with events and stream), "
-                  f"Redis {usec / max(calls, 1):.1f} µs per script call")
+            print(
+                f"leave: {elapsed / len(remaining) * 1e6:,.0f} µs per connection (wall, with events and stream), "
+                f"Redis {usec / max(calls, 1):.1f} µs per script call"
+            )
             assert presence.count(client, channel).connections == 0
             client.close()
         finally:

@@ -13,4 +13,14 @@ from uwsgi_ws.exceptions import InvalidArgument, PublishError, UnsupportedType, 
 from .presence import presence, presence_count
 from .publishing import disconnect, publish, unsubscribe
 
-__all__ = ["disconnect", "presence", "presence_count", "publish", "unsubscribe", "InvalidArgument", "PublishError", "UnsupportedType", "WebSocketError"]
+__all__ = [
+    "disconnect",
+    "presence",
+    "presence_count",
+    "publish",
+    "unsubscribe",
+    "InvalidArgument",
+    "PublishError",
+    "UnsupportedType",
+    "WebSocketError",
+]

@@ -83,7 +83,7 @@ def send(event: Event) -> None:
         at=event.at,
         event_id=event.id,
     )
-    for receiver, result in results:
+    for _receiver, result in results:
         if isinstance(result, Exception):
             logger.error("a receiver of %s failed: %r", event.kind, result, exc_info=result)
 
@@ -140,18 +140,22 @@ class Consumer:
         if now >= self._next_sweep:
             self._next_sweep = now + self._sweep_every
             try:
-                sweep(self.client, conf.prefix, stream_size=conf.presence_stream_size,
-                      publish_command=conf.publish_command)
+                sweep(
+                    self.client,
+                    conf.prefix,
+                    stream_size=conf.presence_stream_size,
+                    publish_command=conf.publish_command,
+                )
             except RedisUnavailable as exc:
                 logger.warning("%s", exc)
         entries: list[tuple[bytes, dict[bytes, bytes]]] = []
         if self.claim_idle_ms:
-            claimed = self.client.xautoclaim(
+            claimed: Any = self.client.xautoclaim(
                 self.key, self.group, self.name, self.claim_idle_ms, start_id="0-0", count=self.count
             )
             entries += [e for e in claimed[1] if e and e[1]]
         if not entries:
-            answer = self.client.xreadgroup(
+            answer: Any = self.client.xreadgroup(
                 self.group, self.name, {self.key: ">"}, count=self.count, block=self.block_ms
             )
             for _, items in answer or []:

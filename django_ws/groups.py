@@ -21,7 +21,9 @@ logger = logging.getLogger(__name__)
 _CLEARED = "_django_ws_cleared"  # instance attribute: what a clear() is about to remove
 
 
-def on_groups_changed(sender: Any, instance: Any, action: str, reverse: bool, model: Any, pk_set: Any, **kw: Any) -> None:
+def on_groups_changed(
+    sender: Any, instance: Any, action: str, reverse: bool, model: Any, pk_set: Any, **kw: Any
+) -> None:
     """``m2m_changed`` receiver for ``User.groups.through``."""
     if action not in ("pre_clear", "post_clear", "post_remove") or not get_settings().unsubscribe_on_group_removal:
         return

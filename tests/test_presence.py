@@ -11,8 +11,6 @@ import json
 import os
 import signal
 
-import pytest
-
 import django_ws
 from tests.conftest import WS, ancestors, start_stack, stop, wait_for
 from uwsgi_ws.presence import Occupancy
@@ -88,9 +86,21 @@ def test_a_killed_workers_members_leave_within_the_ttl(project, redis_server, tm
             ws = WS(url, session=project.cookie("alice" if len(sockets) % 2 else "bob"))
             ws.ready()
             sockets.append(ws)
-            if len([p for p, c in redis_server.worker_connections().items() if c["hub"] and stack.procs[0].pid in ancestors(p)]) >= 2 and len(sockets) >= 4:
+            if (
+                len(
+                    [
+                        p
+                        for p, c in redis_server.worker_connections().items()
+                        if c["hub"] and stack.procs[0].pid in ancestors(p)
+                    ]
+                )
+                >= 2
+                and len(sockets) >= 4
+            ):
                 break
-        workers = [p for p, c in redis_server.worker_connections().items() if c["hub"] and stack.procs[0].pid in ancestors(p)]
+        workers = [
+            p for p, c in redis_server.worker_connections().items() if c["hub"] and stack.procs[0].pid in ancestors(p)
+        ]
         assert len(workers) == 2
         before = django_ws.presence_count(facility, broadcast=True).connections
         assert before == len(sockets)

@@ -80,9 +80,14 @@ def test_each_change_is_sent_once_by_two_copies_and_after_a_restart(offload_stac
         assert len({c[0] for c in changes}) == len(changes) == 8  # once each, by one copy or the other
         kinds = sorted((kind, user) for _, kind, _, user in changes)
         assert kinds == [
-            ("joined", "alice"), ("joined", "bob"), ("joined", "carol"),
-            ("left", "alice"), ("left", "bob"), ("left", "carol"),
-            ("occupied", ""), ("vacated", ""),
+            ("joined", "alice"),
+            ("joined", "bob"),
+            ("joined", "carol"),
+            ("left", "alice"),
+            ("left", "bob"),
+            ("left", "carol"),
+            ("occupied", ""),
+            ("vacated", ""),
         ]
         for copy in copies:
             copy.stop()
@@ -96,7 +101,10 @@ def test_each_change_is_sent_once_by_two_copies_and_after_a_restart(offload_stac
         copies.append(again)
         wait_for(lambda: len(again.changes(facility)) >= 4, what="the changes made meanwhile")
         assert sorted((k, u) for _, k, _, u in again.changes(facility)) == [
-            ("joined", "bob"), ("left", "bob"), ("occupied", ""), ("vacated", ""),
+            ("joined", "bob"),
+            ("left", "bob"),
+            ("occupied", ""),
+            ("vacated", ""),
         ]
         assert not {c[0] for c in again.changes(facility)} & {c[0] for c in changes}
     finally:
@@ -128,7 +136,10 @@ def test_receivers_get_the_signal_arguments(project, redis_server, facility):
         sender, kwargs = got[0]
         assert sender == facility
         assert (kwargs["channel"], kwargs["audience"], kwargs["user"], kwargs["info"]) == (
-            "group:red", Audience(Kind.GROUP, "red"), "alice", {"name": "Alice"}
+            "group:red",
+            Audience(Kind.GROUP, "red"),
+            "alice",
+            {"name": "Alice"},
         )
         assert isinstance(kwargs["at"], float) and kwargs["event_id"]
     finally:

@@ -39,7 +39,16 @@ import redis
 from redis.exceptions import RedisClusterException, RedisError
 
 from .exceptions import PublishError, RedisUnavailable
-from .protocol import KIND_JSON, log_key, members_key, meta_key, presence_events_key, presence_index_key, users_key, workers_key
+from .protocol import (
+    KIND_JSON,
+    log_key,
+    members_key,
+    meta_key,
+    presence_events_key,
+    presence_index_key,
+    users_key,
+    workers_key,
+)
 from .protocol import presence_channel as events_channel
 from .store import _PUBLISH, _Script, _text
 
@@ -360,7 +369,7 @@ def emit(
         pipe = client.pipeline(transaction=False)
         stamp = repr(time.time())
         for change in changes:
-            fields = {"type": change.kind, "channel": change.channel, "user": change.user, "at": stamp}
+            fields: dict[Any, Any] = {"type": change.kind, "channel": change.channel, "user": change.user, "at": stamp}
             if change.info is not None:
                 fields["info"] = json.dumps(change.info, separators=(",", ":"))
             pipe.xadd(presence_events_key(prefix), fields, maxlen=stream_size, approximate=True)
@@ -458,7 +467,9 @@ class PresenceTracker:
 
     def _emit(self, changes: list[Change], stream_size: int) -> None:
         try:
-            emit(self.client, changes, prefix=self.prefix, stream_size=stream_size, publish_command=self.publish_command)
+            emit(
+                self.client, changes, prefix=self.prefix, stream_size=stream_size, publish_command=self.publish_command
+            )
         except PublishError as exc:
             logger.warning("could not announce %d presence change(s): %s", len(changes), exc)
 

@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 import django_ws
-from tests.conftest import WS, wait_for
+from tests.conftest import WS
 
 
 def until_fence(ws: WS, fence: str = "fence") -> list[dict]:
@@ -81,7 +81,9 @@ def test_removing_a_user_from_a_group_ends_that_subscription(offload_stack, proj
 
 def test_group_removal_can_be_left_alone(offload_stack, project, facility, team, ws_settings):
     ws_settings(UNSUBSCRIBE_ON_GROUP_REMOVAL=False)
-    alice = WS(offload_stack.url(f"/ws/{facility}?subscribe-group&subscribe-broadcast"), session=project.cookie("alice"))
+    alice = WS(
+        offload_stack.url(f"/ws/{facility}?subscribe-group&subscribe-broadcast"), session=project.cookie("alice")
+    )
     alice.ready()
     project.users["alice"].groups.remove(team)
     django_ws.publish(facility, "still delivered", groups=[team])
@@ -127,7 +129,9 @@ def test_event_streams_are_unsubscribed_too(offload_stack, project, facility, te
 
 
 def test_another_facility_is_spared(offload_stack, project, facility, team):
-    alice = WS(offload_stack.url(f"/ws/{facility}?subscribe-group&subscribe-broadcast"), session=project.cookie("alice"))
+    alice = WS(
+        offload_stack.url(f"/ws/{facility}?subscribe-group&subscribe-broadcast"), session=project.cookie("alice")
+    )
     alice.ready()
     django_ws.unsubscribe(users=["alice"], group=team, facility=facility + "x")
     django_ws.publish(facility, "kept", groups=[team])
@@ -138,7 +142,12 @@ def test_another_facility_is_spared(offload_stack, project, facility, team):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"group": "x"}, {"users": ["a"]}, {"users": ["a"], "group": "x", "broadcast": True}, {"users": ["a"], "group": "x", "facility": "../x"}],
+    [
+        {"group": "x"},
+        {"users": ["a"]},
+        {"users": ["a"], "group": "x", "broadcast": True},
+        {"users": ["a"], "group": "x", "facility": "../x"},
+    ],
 )
 def test_unsubscribe_refuses_vague_orders(project, kwargs):
     with pytest.raises(ValueError):

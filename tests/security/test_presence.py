@@ -8,9 +8,9 @@ presence is bounded by its open connections.
 from __future__ import annotations
 
 import json
+from urllib.parse import quote
 
 import pytest
-from urllib.parse import quote
 
 import django_ws
 from django_ws.identity import session_digest
@@ -110,7 +110,9 @@ def test_anonymous_and_session_connections_are_counted_never_named(offload_stack
 def test_a_client_cannot_forge_a_join(offload_stack, project, facility):
     observer = WS(offload_stack.url(f"/ws/{facility}?subscribe-broadcast&presence"), session=project.cookie("carol"))
     observer.ready()
-    alice = WS(offload_stack.url(f"/ws/{facility}?subscribe-broadcast&publish-broadcast"), session=project.cookie("alice"))
+    alice = WS(
+        offload_stack.url(f"/ws/{facility}?subscribe-broadcast&publish-broadcast"), session=project.cookie("alice")
+    )
     alice.ready()
     assert observer.next()["type"] == "join"  # alice's real one
     forged = {"type": "join", "channel": "broadcast", "user": "admin", "info": {"role": "root"}}
@@ -150,8 +152,10 @@ def test_reconnecting_leaves_nothing_behind(offload_stack, project, redis_server
         ws.ready()
         ws.close()
     wait_for(
-        lambda: django_ws.presence_count(facility, broadcast=True) == Occupancy(0, 0, 0)
-        and django_ws.presence_count(facility, user="bob") == Occupancy(0, 0, 0),
+        lambda: (
+            django_ws.presence_count(facility, broadcast=True) == Occupancy(0, 0, 0)
+            and django_ws.presence_count(facility, user="bob") == Occupancy(0, 0, 0)
+        ),
         what="every entry removed",
     )
     broadcast = channel_name("ws", facility, Audience(Kind.BROADCAST))

@@ -93,8 +93,9 @@ def test_the_roster_lists_users_once_with_their_earliest_tab(client, prefix):
 
 
 def test_a_dead_workers_entries_are_reaped_by_a_live_one_with_the_leaves(client, prefix):
-    dead, live = PresenceTracker(client, prefix, worker="dead", background=False), PresenceTracker(
-        client, prefix, worker="live", background=False
+    dead, live = (
+        PresenceTracker(client, prefix, worker="dead", background=False),
+        PresenceTracker(client, prefix, worker="live", background=False),
     )
     chan = channel(prefix)
     join(dead, "a1", chan, "alice", ttl=1.0)
