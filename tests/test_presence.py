@@ -11,6 +11,8 @@ import json
 import os
 import signal
 
+import pytest
+
 import django_ws
 from tests.conftest import WS, ancestors, start_stack, stop, wait_for
 from uwsgi_ws.presence import Occupancy
@@ -238,3 +240,48 @@ def test_two_websocket_instances_share_one_roster_and_its_events(project, tmp_pa
                 stop(proc)
         stop(other)
         log.close()
+
+
+def test_a_killed_workers_users_leave_when_its_lease_ends(project, redis_server, tmp_path, facility):
+    """One worker, SIGKILLed: nobody cleans up. The respawned worker, serving again,
+    reaps the dead one's entries when their lease ends and announces the leaves."""
+    stack = start_stack("offload", project, tmp_path, DJANGO_WS_PRESENCE_TTL="2")
+    try:
+        url = stack.url(f"/ws/{facility}?subscribe-broadcast&presence")
+        alice = WS(url, session=project.cookie("alice"))
+        alice.ready()
+        carol = WS(url, session=project.cookie("carol"))
+        carol.ready()
+        [worker] = [
+            p for p, c in redis_server.worker_connections().items() if c["hub"] and stack.procs[0].pid in ancestors(p)
+        ]
+        os.kill(worker, signal.SIGKILL)  # the worker of the stack this test started
+        for ws in (alice, carol):
+            ws.conn.settimeout(10)
+            with pytest.raises((OSError, AssertionError, *websocket_errors())):
+                while True:
+                    ws.next()
+
+        def reconnected() -> WS | None:
+            try:
+                ws = WS(url, session=project.cookie("carol"))
+                ws.ready()
+                return ws
+            except (OSError, *websocket_errors()):
+                return None
+
+        carol = wait_for(reconnected, what="the respawned worker")
+        carol.conn.settimeout(15)  # the TTL (2 s) and a renewal interval, with room to spare
+        frame = carol.next()
+        assert frame == {"type": "leave", "channel": "broadcast", "user": "alice"}
+        assert [m.user for m in django_ws.presence(facility, broadcast=True).members] == ["carol"]
+        carol.close()
+    finally:
+        for proc in stack.procs:
+            stop(proc)
+
+
+def websocket_errors() -> tuple[type[BaseException], ...]:
+    import websocket
+
+    return (websocket.WebSocketException,)
