@@ -198,7 +198,8 @@ class WebSocketMiddleware:
 
         Only to clients that may subscribe to that channel (the same resolution and
         authorization hook as a subscription); anonymous connections are counted,
-        never listed, and no session appears.
+        never listed, and no session appears. Each read takes a token from the
+        client's rate bucket (``RATE_LIMIT``, shared with its publishes): 429 when empty.
 
         Raises:
             BadRequest: bad facility or channel (400, 404).
@@ -218,9 +219,19 @@ class WebSocketMiddleware:
             raise BadRequest("presence is turned off (DJANGO_WS['PRESENCE'])", status=404)
         label = request.GET.get("presence", "")
         channel = requested_channel(request, facility, label, conf)
+        from uwsgi_ws.store import Store
+
+        # A roster costs O(members): a client reads them from the same bucket it
+        # publishes from, so that it cannot keep a worker and Redis busy with them.
+        identity = client_identity(request)
         try:
+            allowance = Store(get_redis()).allow(rate_key(conf.prefix, identity), rate=conf.rate, burst=conf.burst)
+            if not allowance:
+                response = _plain(429, "too many requests: slow down")
+                response["Retry-After"] = str(max(1, math.ceil(allowance.retry_after)))
+                return response
             roster = rosters.read(get_redis(), channel)
-        except RedisUnavailable as exc:
+        except (RedisUnavailable, PublishError) as exc:
             logger.error("presence of %s not read: %s", label, exc)
             return _plain(503, "presence unavailable: try again")
         response = JsonResponse({"channel": channel_label(channel), **roster.to_dict()})

@@ -161,3 +161,12 @@ def test_reconnecting_leaves_nothing_behind(offload_stack, project, redis_server
     broadcast = channel_name("ws", facility, Audience(Kind.BROADCAST))
     # Not even empty keys: a channel's last leave deletes them.
     assert not redis_server.client().exists(members_key(broadcast), users_key(broadcast))
+
+
+def test_rosters_are_read_at_the_clients_rate(offload_stack, project, facility):
+    # A roster costs O(members) in a Django worker and in Redis: a client draws from
+    # its rate bucket (RATE_LIMIT, a burst of 20 in the example) for each read.
+    key = project.cookie("bob")
+    statuses = [get(offload_stack, f"/ws/{facility}?presence=broadcast", session=key)[0] for _ in range(25)]
+    assert statuses[:20] == [200] * 20
+    assert statuses[-1] == 429
