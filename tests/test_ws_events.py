@@ -144,3 +144,48 @@ def test_receivers_get_the_signal_arguments(project, redis_server, facility):
         assert isinstance(kwargs["at"], float) and kwargs["event_id"]
     finally:
         member_joined.disconnect(receiver)
+
+
+def test_changes_a_dead_copy_held_are_taken_over(project, redis_server, facility):
+    from django_ws.events import Consumer
+    from django_ws.publishing import get_redis
+    from uwsgi_ws.presence import PresenceTracker
+    from uwsgi_ws.protocol import Audience, Kind, channel_name, presence_events_key
+
+    group = "g" + uuid.uuid4().hex[:8]
+    client = get_redis()
+    Consumer(client, group=group, name="first").start()
+    tracker = PresenceTracker(client, "ws", background=False)
+    chan = channel_name("ws", facility, Audience(Kind.BROADCAST))
+    tracker.join("c1", [chan], user="alice", info=None, ttl=30, stream_size=100, since=1.0)
+    # A copy reads the changes, then dies before acknowledging them.
+    [(_, taken)] = client.xreadgroup(group, "dead", {presence_events_key("ws"): ">"}, count=100)
+    ours = [i for i, f in taken if f[b"channel"].decode() == chan]
+    assert len(ours) == 2  # occupied, joined
+    sent = []
+    other = Consumer(client, group=group, name="other", claim_idle=0.2, block=0.1, on_event=sent.append)
+    wait_for(lambda: other.run_once() and {e.id for e in sent} >= {i.decode() for i in ours}, what="the take-over")
+    assert sorted(e.kind for e in sent if e.id in {i.decode() for i in ours}) == ["joined", "occupied"]
+    tracker.leave("c1", [chan], user="alice", stream_size=100)
+
+
+def test_the_consumer_sweeps_the_leaves_of_dead_workers(project, redis_server, facility):
+    from django_ws.events import Consumer
+    from django_ws.publishing import get_redis
+    from uwsgi_ws.presence import PresenceTracker
+    from uwsgi_ws.protocol import Audience, Kind, channel_name
+
+    client = get_redis()
+    sent = []
+    consumer = Consumer(client, group="g" + uuid.uuid4().hex[:8], name="one", block=0.1, on_event=sent.append)
+    consumer.start()
+    consumer._sweep_every = 0.1  # the example's PRESENCE_TTL is 30 s
+    chan = channel_name("ws", facility, Audience(Kind.BROADCAST))
+    dead = PresenceTracker(client, "ws", background=False)
+    dead.join("c1", [chan], user="bob", info=None, ttl=1.0, stream_size=100, since=1.0)
+    # No websocket worker renews or reaps anything: the consumer's sweep does.
+    wait_for(
+        lambda: consumer.run_once() is not None and any(e.kind == "left" and e.user == "bob" for e in sent),
+        what="bob's leave",
+    )
+    assert django_ws.presence_count(facility, broadcast=True) == Occupancy(0, 0, 0)
