@@ -444,8 +444,15 @@ class Ticket:
             "k": self.prefix,
             "g": list(self.tags),
             "a": self.max_age,
-            "ps": [list(self.presence), list(self.presence_events), self.presence_user, self.presence_info,
-                   self.presence_ttl, self.presence_stream],
+            # by label, not channel name: a user in many groups must not double the ticket
+            "ps": [
+                [label for label, channel in self.subscribe.items() if channel in self.presence],
+                [label for label, channel in self.subscribe.items() if channel in self.presence_events],
+                self.presence_user,
+                self.presence_info,
+                self.presence_ttl,
+                self.presence_stream,
+            ],
         }
 
     @classmethod
@@ -468,19 +475,19 @@ class Ticket:
                 prefix=validate_prefix(str(data["k"])),
                 tags=tuple(str(t) for t in data["g"]),
                 max_age=float(data["a"]),
-                **_presence_fields(data.get("ps")),
+                **_presence_fields(data.get("ps"), data["s"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError):
             raise TicketError("malformed ticket") from None
 
 
-def _presence_fields(value: Any) -> dict[str, Any]:
+def _presence_fields(value: Any, subscribe: Mapping[str, Any]) -> dict[str, Any]:
     if value is None:  # signed before presence existed
         return {}
-    channels, events, user, info, ttl, stream = value
+    labels, events, user, info, ttl, stream = value
     return {
-        "presence": tuple(str(c) for c in channels),
-        "presence_events": tuple(str(c) for c in events),
+        "presence": tuple(str(subscribe[label]) for label in labels),
+        "presence_events": tuple(str(subscribe[label]) for label in events),
         "presence_user": str(user),
         "presence_info": info,
         "presence_ttl": float(ttl),

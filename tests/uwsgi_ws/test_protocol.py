@@ -460,3 +460,22 @@ def test_unsubscribe_orders_round_trip_and_malformed_ones_are_refused():
     ):
         with pytest.raises(ValueError):
             decode_control(bad)
+
+
+def test_presence_fields_of_a_ticket_round_trip_by_label():
+    from uwsgi_ws.protocol import Ticket, sign_ticket, verify_ticket
+
+    subscribe = {"broadcast": "{ws:f:broadcast}", "group:a": "{ws:f:group:a}", "session": "{ws:f:session:d}"}
+    ticket = Ticket(
+        subscribe=subscribe,
+        expires=1e12,
+        presence=("{ws:f:broadcast}", "{ws:f:group:a}"),
+        presence_events=("{ws:f:group:a}",),
+        presence_user="alice",
+        presence_info={"n": 1},
+        presence_ttl=12.0,
+        presence_stream=5,
+    )
+    token = sign_ticket(ticket, b"s" * 32)
+    assert verify_ticket(token, b"s" * 32) == ticket
+    assert "{ws:f:group:a}" not in json.dumps(ticket.to_dict()["ps"])  # labels, not channel names
