@@ -464,6 +464,9 @@ class PresenceTracker:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._background = background
+        # The stream size of the latest join: the leaves of a sweep go to the stream
+        # even when this worker holds no connection any more.
+        self._stream_size = 0
 
     def _emit(self, changes: list[Change], stream_size: int) -> None:
         try:
@@ -497,6 +500,7 @@ class PresenceTracker:
         entry = json.dumps({"u": user, "t": round(since, 3), "i": info}, separators=(",", ":"))
         name = f"{self.worker}:{connection}"
         new = set()  # channels this worker had no connection in: the index must know them
+        self._stream_size = stream_size
         with self._lock:
             for channel in channels:
                 held = self._held.get(channel)
@@ -576,7 +580,7 @@ class PresenceTracker:
         with self._lock:
             held = [(c, h.ttl, h.stream_size) for c, h in self._held.items()]
         changes: list[Change] = []
-        stream_size = max((s for _, _, s in held), default=0)
+        stream_size = max((s for _, _, s in held), default=self._stream_size)
         if held:
             calls = [(_keys(c), (self.worker, str(max(1000, int(ttl * 1000))))) for c, ttl, _ in held]
             try:

@@ -159,3 +159,14 @@ def test_the_stream_stays_bounded(client, prefix):
     # XADD MAXLEN ~: trimmed by whole nodes of the stream (100 entries by default).
     assert client.xlen(presence_events_key(prefix)) <= 50 + 100
     tracker.stop()
+
+
+def test_a_worker_left_with_no_connection_still_records_the_leaves_it_sweeps(client, prefix):
+    dead = PresenceTracker(client, prefix, worker="dead", background=False)
+    idle = PresenceTracker(client, prefix, worker="idle", background=False)
+    join(idle, "i1", channel(prefix, "other"), "bob")
+    idle.leave("i1", [channel(prefix, "other")], user="bob", stream_size=100)  # holds nothing now
+    join(dead, "a1", channel(prefix), "alice", ttl=1.0)
+    dead.stop()
+    wait_for(lambda: any(c.kind == "left" for c in idle.renew()), timeout=5, what="the sweep")
+    assert stream(client, prefix)[-2:] == [("left", "alice"), ("vacated", "")]
