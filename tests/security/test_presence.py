@@ -165,8 +165,14 @@ def test_reconnecting_leaves_nothing_behind(offload_stack, project, redis_server
 
 def test_rosters_are_read_at_the_clients_rate(offload_stack, project, facility):
     # A roster costs O(members) in a Django worker and in Redis: a client draws from
-    # its rate bucket (RATE_LIMIT, a burst of 20 in the example) for each read.
+    # its rate bucket (RATE_LIMIT: 10 a second, bursts of 20, in the example) for each
+    # read. The bucket refills while the reads go on, so count until the first 429.
     key = project.cookie("bob")
-    statuses = [get(offload_stack, f"/ws/{facility}?presence=broadcast", session=key)[0] for _ in range(25)]
-    assert statuses[:20] == [200] * 20
-    assert statuses[-1] == 429
+    answered = 0
+    for _ in range(100):
+        status, _ = get(offload_stack, f"/ws/{facility}?presence=broadcast", session=key)
+        if status == 429:
+            break
+        assert status == 200
+        answered += 1
+    assert 20 <= answered < 100
