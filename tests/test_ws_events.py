@@ -189,3 +189,11 @@ def test_the_consumer_sweeps_the_leaves_of_dead_workers(project, redis_server, f
         what="bob's leave",
     )
     assert django_ws.presence_count(facility, broadcast=True) == Occupancy(0, 0, 0)
+
+
+def test_ws_events_refuses_to_wait_for_nothing(project, ws_settings):
+    from django.core.management import CommandError, call_command
+
+    ws_settings(PRESENCE_STREAM_SIZE=0)
+    with pytest.raises(CommandError, match="PRESENCE_STREAM_SIZE"):
+        call_command("ws_events")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from django_ws.events import DEFAULT_GROUP, Consumer, Event
 from django_ws.publishing import get_redis
@@ -28,6 +28,14 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        from django_ws.conf import get_settings
+
+        conf = get_settings()
+        if not conf.presence or conf.presence_stream_size == 0:
+            raise CommandError(
+                "no presence changes are recorded: set DJANGO_WS['PRESENCE'] to True and "
+                "DJANGO_WS['PRESENCE_STREAM_SIZE'] above 0"
+            )
         verbosity = options["verbosity"]
 
         def shown(event: Event) -> None:
