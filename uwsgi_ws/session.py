@@ -198,35 +198,40 @@ class Session:
     def _loop(self) -> None:
         transport = self.transport
         core = self.core
+        pending = False  # frames received and not handled yet
         while not transport.closed and self._finish is None:
             now = self._clock()
             wait = max(0.0, core.next_timer - now)
             if transport.queued_bytes > self._read_pause or transport.queued_messages > self._read_pause_messages:
-                # Let the client read first; the timers still run.
+                # Let the client read first, frames already received included: a burst
+                # of pings read in one go must not queue more pongs than the bounds
+                # while the writer lags. The timers still run.
                 transport.drain(min(wait, 1.0))
-                data = None
+            elif pending:
+                pending = self._handle_batch(now)
             else:
                 data = transport.recv(wait)
+                if data == b"":
+                    break
+                if data:
+                    core.receive(data, self._clock())
+                    pending = True
             now = self._clock()
-            if data == b"":
-                break
-            if self._ended:
+            if self._ended:  # subscriptions ended on order (see unsubscribe_soon)
                 self._release_ended()
-            if data:
-                core.receive(data, now)
-                while self._finish is None:
-                    blocking, more = self._process(now)
-                    self._perform(blocking)
-                    delay = self._frame_debt()
-                    if more or delay:
-                        # A flood must not delay the worker's other sockets, nor read
-                        # faster than FRAME_RATE.
-                        transport.cooperate(delay)
-                    if not more:
-                        break
-                    now = self._clock()
             if now >= core.next_timer and self._finish is None:
                 self._perform(self._step(core.timer, now))
+
+    def _handle_batch(self, now: float) -> bool:
+        """Handle one batch of received frames; return whether more wait."""
+        blocking, more = self._process(now)
+        self._perform(blocking)
+        delay = self._frame_debt()
+        if more or delay:
+            # A flood must not delay the worker's other sockets, nor read faster
+            # than FRAME_RATE.
+            self.transport.cooperate(delay)
+        return more
 
     def _frame_debt(self) -> float:
         """Spend the frames handled since the last call; return the seconds to wait

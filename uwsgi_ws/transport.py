@@ -333,6 +333,9 @@ class ThreadedSocketTransport(_SendQueue):
                 if self.closed:
                     return
                 chunk = self._queue[0]
+                # Once handed to send() part of it may reach the client: from now on
+                # discard_queued() must keep it (and _wrote() account for it).
+                self._head_started = True
             try:
                 sent = self._sock.send(chunk)
             except OSError:
