@@ -80,6 +80,21 @@ DEFAULTS: dict[str, Any] = {
     # Seconds after which a connection is closed (code 4010) so that its client
     # reconnects and is authorized again with its current rights; None: never.
     "MAX_CONNECTION_AGE": None,
+    # When a user leaves a group (User.groups, m2m_changed), end that group's
+    # subscriptions of the user's open connections (django_ws.unsubscribe).
+    "UNSUBSCRIBE_ON_GROUP_REMOVAL": True,
+    # Presence: list each connection under its user (anonymous ones are counted) in
+    # the broadcast, user and group channels it subscribes to.
+    "PRESENCE": True,
+    # Seconds within which the entries of a websocket worker that died expire.
+    "PRESENCE_TTL": 30,
+    # Dotted path to a hook (request) -> small JSON object shown with the member.
+    "PRESENCE_INFO": None,
+    # Facilities (names or glob patterns) whose subscribers get join/leave events
+    # without asking with ?presence.
+    "PRESENCE_EVENTS": (),
+    # Presence changes kept in the stream read by `manage.py ws_events`; 0: none.
+    "PRESENCE_STREAM_SIZE": 10000,
     # "PUBLISH", or "SPUBLISH" (sharded pub/sub, Redis 7): must match the websocket
     # instance's DJANGO_WS_PUBLISH_COMMAND. Default: $DJANGO_WS_PUBLISH_COMMAND, else PUBLISH.
     "PUBLISH_COMMAND": None,
@@ -157,6 +172,12 @@ class WsSettings:
     publish_command: str
     disconnect_on_logout: bool
     max_connection_age: float | None
+    unsubscribe_on_group_removal: bool
+    presence: bool
+    presence_ttl: float
+    presence_info: Callable[..., Any] | None
+    presence_events: Facilities
+    presence_stream_size: int
 
     def limits(self) -> Limits:
         return Limits(
@@ -265,6 +286,21 @@ def _read() -> WsSettings:
 
     offload_to = _addresses(s["OFFLOAD_TO"] or os.environ.get("DJANGO_WS_OFFLOAD_TO") or ())
     ticket_secret = _ticket_secret(s["TICKET_SECRET"], offload_to)
+    info_hook = s["PRESENCE_INFO"]
+    if isinstance(info_hook, str):
+        try:
+            info_hook = import_string(info_hook)
+        except ImportError as exc:
+            raise ImproperlyConfigured(
+                f"DJANGO_WS['PRESENCE_INFO']: cannot import {s['PRESENCE_INFO']!r} ({exc})"
+            ) from None
+    if info_hook is not None and not callable(info_hook):
+        raise ImproperlyConfigured("DJANGO_WS['PRESENCE_INFO'] must be a callable, its dotted path, or None")
+    try:
+        presence_events = Facilities.parse(s["PRESENCE_EVENTS"])
+    except ImproperlyConfigured as exc:
+        raise ImproperlyConfigured(str(exc).replace("'FACILITIES'", "'PRESENCE_EVENTS'")) from None
+
     publish_command = s["PUBLISH_COMMAND"] or os.environ.get("DJANGO_WS_PUBLISH_COMMAND") or "PUBLISH"
     try:
         check_publish_command(publish_command, redis_url)
@@ -297,6 +333,12 @@ def _read() -> WsSettings:
         publish_command=publish_command,
         disconnect_on_logout=bool(s["DISCONNECT_ON_LOGOUT"]),
         max_connection_age=None if s["MAX_CONNECTION_AGE"] is None else _positive(s, "MAX_CONNECTION_AGE"),
+        unsubscribe_on_group_removal=bool(s["UNSUBSCRIBE_ON_GROUP_REMOVAL"]),
+        presence=bool(s["PRESENCE"]),
+        presence_ttl=_positive(s, "PRESENCE_TTL"),
+        presence_info=info_hook,
+        presence_events=presence_events,
+        presence_stream_size=_int(s, "PRESENCE_STREAM_SIZE", 0),
     )
 
 

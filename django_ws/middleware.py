@@ -54,6 +54,7 @@ from .conf import WsSettings, check_offload_sockets, get_settings
 from .identity import client_identity, session_digest
 from .logout import close_ended_sessions, watch_session
 from .origins import Origin, parse_origin, split_host
+from .presence import info_for, requested_channel
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,8 @@ class WebSocketMiddleware:
         try:
             if request.method == "POST":
                 return self.publish(request, facility, conf)
+            if _asks_roster(request):
+                return self.roster(request, facility, conf)
             ticket = self.authorize(request, facility, conf)
         except BadRequest as exc:
             if isinstance(exc, Refused):
@@ -155,10 +158,13 @@ class WebSocketMiddleware:
                 recover = parse_event_id(last_event_id)  # the browser's reconnection
 
         subscribe: dict[str, str] = {}
+        listed: list[str] = []  # the channels this connection is listed in (presence)
         for kind in sorted(asked.subscribe, key=lambda k: k.value):
             for audience in resolve(request, kind, "subscribe"):
                 _require(conf, request, facility, "subscribe", audience)
                 subscribe[audience.label] = channel_name(conf.prefix, facility, audience)
+                if conf.presence and kind is not Kind.SESSION:
+                    listed.append(subscribe[audience.label])
         publish: list[str] = []
         for kind in sorted(asked.publish, key=lambda k: k.value):
             for audience in resolve(request, kind, "publish"):
@@ -179,7 +185,58 @@ class WebSocketMiddleware:
             prefix=conf.prefix,
             tags=connection_tags(request),
             max_age=conf.max_connection_age or 0.0,
+            presence=tuple(listed),
+            presence_events=tuple(listed) if asked.presence or facility in conf.presence_events else (),
+            presence_user=_username_of(request),
+            presence_info=info_for(request, conf) if listed else None,
+            presence_ttl=conf.presence_ttl,
+            presence_stream=conf.presence_stream_size,
         )
+
+    def roster(self, request: HttpRequest, facility: str, conf: WsSettings) -> HttpResponse:
+        """Answer ``GET <facility>?presence=<channel>`` with who is connected, as JSON.
+
+        Only to clients that may subscribe to that channel (the same resolution and
+        authorization hook as a subscription); anonymous connections are counted,
+        never listed, and no session appears. Each read takes a token from the
+        client's rate bucket (``RATE_LIMIT``, shared with its publishes): 429 when empty.
+
+        Raises:
+            BadRequest: bad facility or channel (400, 404).
+            Refused: origin or rights (403).
+        """
+        from uwsgi_ws import presence as rosters
+        from uwsgi_ws.exceptions import RedisUnavailable
+
+        from .publishing import get_redis
+
+        # A page's own fetch() sends no Origin on a GET, but Sec-Fetch-Site: same-origin.
+        check_origin(request, conf, stream=True)
+        validate_facility(facility)
+        if conf.facilities is not None and facility not in conf.facilities:
+            raise BadRequest(f"unknown facility {facility!r}", status=404)
+        if not conf.presence:
+            raise BadRequest("presence is turned off (DJANGO_WS['PRESENCE'])", status=404)
+        label = request.GET.get("presence", "")
+        channel = requested_channel(request, facility, label, conf)
+        from uwsgi_ws.store import Store
+
+        # A roster costs O(members): a client reads them from the same bucket it
+        # publishes from, so that it cannot keep a worker and Redis busy with them.
+        identity = client_identity(request)
+        try:
+            allowance = Store(get_redis()).allow(rate_key(conf.prefix, identity), rate=conf.rate, burst=conf.burst)
+            if not allowance:
+                response = _plain(429, "too many requests: slow down")
+                response["Retry-After"] = str(max(1, math.ceil(allowance.retry_after)))
+                return response
+            roster = rosters.read(get_redis(), channel)
+        except (RedisUnavailable, PublishError) as exc:
+            logger.error("presence of %s not read: %s", label, exc)
+            return _plain(503, "presence unavailable: try again")
+        response = JsonResponse({"channel": channel_label(channel), **roster.to_dict()})
+        response["Cache-Control"] = "no-store"
+        return response
 
     def publish(self, request: HttpRequest, facility: str, conf: WsSettings) -> HttpResponse:
         """Publish the body of a POST to the audiences of its ``publish-*`` parameters.
@@ -506,6 +563,21 @@ def connection_tags(request: HttpRequest) -> tuple[str, ...]:
     if key:
         tags.append(Audience(Kind.SESSION, session_digest(key)).tag)
     return tuple(tags)
+
+
+def _asks_roster(request: HttpRequest) -> bool:
+    """Tell a presence GET (``?presence=<channel>``, nothing else) from a handshake."""
+    if request.method != "GET" or request.META.get("HTTP_UPGRADE"):
+        return False
+    query = request.META.get("QUERY_STRING", "")
+    return query.startswith("presence=") and "&" not in query
+
+
+def _username_of(request: HttpRequest) -> str:
+    user = getattr(request, "user", None)
+    if user is None or not user.is_authenticated:
+        return ""
+    return str(user.get_username())
 
 
 def _csrf_protected(request: HttpRequest) -> HttpResponse:  # pragma: no cover - never called

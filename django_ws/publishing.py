@@ -19,11 +19,13 @@ from uwsgi_ws.protocol import (
     Audience,
     Disconnect,
     Kind,
+    Unsubscribe,
     channel_name,
     check_close,
     control_channel,
     encode_disconnect,
     encode_payload,
+    encode_unsubscribe,
     validate_facility,
 )
 from uwsgi_ws.redis_url import make_client
@@ -32,7 +34,7 @@ from uwsgi_ws.store import Published, Store
 from .conf import get_settings
 from .identity import session_digest
 
-__all__ = ["disconnect", "publish", "Published", "PublishError"]
+__all__ = ["disconnect", "publish", "unsubscribe", "Published", "PublishError"]
 
 logger = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -217,6 +219,61 @@ def disconnect(
     order = Disconnect(tuple(dict.fromkeys(tags)), code, reason, time.time())
     channel = control_channel(get_settings().prefix)
     published = _send([channel], KIND_JSON, encode_disconnect(order), history_size=CONTROL_HISTORY_SIZE, what="control")
+    return published[0].receivers
+
+
+def unsubscribe(
+    *,
+    users: Iterable[Any] = (),
+    groups: Iterable[Any] = (),
+    sessions: Iterable[Any] = (),
+    group: Any = None,
+    broadcast: bool = False,
+    facility: str | None = None,
+) -> int:
+    """End one subscription of the open connections of these users, groups and sessions.
+
+    Unlike :func:`disconnect`, the connections stay open: only the named channel stops,
+    at once (a message published after this call returns is not delivered on it),
+    and each client gets an ``unsubscribed`` frame (event) with the channel's label.
+    Their other subscriptions go on; they also leave that channel's presence.
+
+    Args:
+        users, groups, sessions: whose connections, as for :func:`disconnect`.
+        group: the group channel to end (a group or its name), e.g. the group the
+            user was just removed from.
+        broadcast: end the broadcast subscription instead.
+        facility: only in this facility (None: in every facility).
+
+    Returns:
+        The number of websocket workers that received the order.
+
+    Raises:
+        InvalidArgument: no target, not exactly one channel, or a bad facility.
+        UnsupportedType: a target of a type that cannot be named.
+        PublishError: Redis could not be reached; nothing was changed.
+    """
+    if (group is not None) == bool(broadcast):
+        raise InvalidArgument("unsubscribe() needs one channel: group=<group or name> or broadcast=True")
+    if facility is not None:
+        try:
+            validate_facility(facility)
+        except BadRequest as exc:
+            raise InvalidArgument(exc.message) from None
+    audience = Audience(Kind.BROADCAST) if broadcast else Audience(Kind.GROUP, _name(group, "group", _group_name))
+    tags = [Audience(Kind.USER, _name(u, "users", _username)).tag for u in _many(users, "users")]
+    tags += [Audience(Kind.GROUP, _name(g, "groups", _group_name)).tag for g in _many(groups, "groups")]
+    tags += [
+        Audience(Kind.SESSION, session_digest(_name(s, "sessions", _session_key))).tag
+        for s in _many(sessions, "sessions")
+    ]
+    if not tags:
+        raise InvalidArgument("unsubscribe() needs a target: users=[...], groups=[...] or sessions=[...]")
+    order = Unsubscribe(tuple(dict.fromkeys(tags)), audience.label, facility, time.time())
+    channel = control_channel(get_settings().prefix)
+    published = _send(
+        [channel], KIND_JSON, encode_unsubscribe(order), history_size=CONTROL_HISTORY_SIZE, what="control"
+    )
     return published[0].receivers
 
 

@@ -278,3 +278,62 @@ def test_forced_event_stream_without_a_proxy(browser, offload_stack):
     django_ws.publish("chat", {"from": "server", "text": "forced stream"}, broadcast=True)
     shows(page, "public", "forced stream")
     context.close()
+
+
+def test_the_demo_shows_who_is_online_in_each_room(browser, offload_stack, project):
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.contrib.auth.models import Group, User
+
+    def orm(fn):  # Playwright's loop runs in this thread: Django's ORM wants another one
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(fn).result()
+
+    # Users of their own: other tests' pages may still be connected as alice, bob, carol.
+    names = sorted("u" + uuid.uuid4().hex[:8] for _ in range(2))
+
+    def create():
+        team = Group.objects.create(name="team " + names[0])
+        users = [User.objects.create_user(name, password="pw") for name in names]
+        for user in users:
+            user.groups.set([team])
+        return team, users
+
+    team, users = orm(create)
+    try:
+        base = offload_stack.http("")
+        first = logged_in(browser, base, names[0])
+        online = "div.online[data-channel='{}'] b"
+        room = online.format(f"group:{team.name}")
+
+        def shows_exactly(page, selector: str, text: str) -> None:
+            page.wait_for_function(
+                "([selector, text]) => (document.querySelector(selector) || {}).textContent === text",
+                arg=[selector, text],
+                timeout=10000,
+            )
+
+        shows_exactly(first, room, names[0])
+        first.locator(online.format("broadcast"), has_text=names[0]).wait_for(timeout=10000)
+        second = logged_in(browser, base, names[1])
+        # The first page hears the second user join, in the public room and in their group's room.
+        shows_exactly(first, room, ", ".join(names))
+        first.locator(online.format("broadcast"), has_text=names[1]).wait_for(timeout=10000)
+        shows_exactly(second, room, ", ".join(names))  # the roster read once connected
+        second.context.close()  # the second user's last tab: they leave both rooms
+        shows_exactly(first, room, names[0])
+        first.wait_for_function(
+            "([sel, name]) => !(document.querySelector(sel) || {textContent: name}).textContent.includes(name)",
+            arg=[online.format("broadcast"), names[1]],
+            timeout=10000,
+        )
+        first.context.close()
+    finally:
+
+        def delete():
+            for user in users:
+                user.delete()
+            team.delete()
+
+        orm(delete)

@@ -30,6 +30,7 @@ from .config import Config, check_socket_directory, unix_socket_path
 from .control import Controller
 from .exceptions import BadRequest, ConfigurationError, RedisUnavailable, TicketError
 from .hub import Hub, connection_factory
+from .presence import PresenceTracker
 from .protocol import SSE_HEADERS, Ticket, check_handshake, nonce_key, verify_ticket
 from .redis_url import make_client
 from .session import EventStreamSession, Session
@@ -71,6 +72,7 @@ class WebSocketApplication:
         self._store: Store | None = None
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
         self._controllers: dict[str, Controller] = {}
+        self._trackers: dict[str, PresenceTracker] = {}
 
     @property
     def config(self) -> Config:
@@ -108,6 +110,16 @@ class WebSocketApplication:
                 prefix, Controller(prefix, hub, store, clock_skew=self.config.clock_skew)
             )
         return controller
+
+    def presence(self, prefix: str) -> PresenceTracker:
+        """Return this worker's presence tracker for the project with Redis ``prefix``."""
+        tracker = self._trackers.get(prefix)
+        if tracker is None:
+            _, store = self._runtime()
+            tracker = self._trackers.setdefault(
+                prefix, PresenceTracker(store.client, prefix, publish_command=self.config.publish_command)
+            )
+        return tracker
 
     def going_away(self, *args: Any) -> None:
         """Close every connection of this worker with 1012 (service restart).
@@ -156,8 +168,11 @@ class WebSocketApplication:
             self._hub.stop()
         if self._store is not None:
             self._store.client.close()
+        for tracker in self._trackers.values():
+            tracker.stop()
         self._hub = self._store = None
         self._controllers.clear()
+        self._trackers.clear()
 
     @staticmethod
     def _gevent_patched() -> bool:
@@ -251,6 +266,7 @@ class WebSocketApplication:
             store,
             subscribe_timeout=self.config.subscribe_timeout,
             controller=self.controller(ticket.prefix),
+            presence=self.presence(ticket.prefix) if ticket.presence else None,
         )
         self._sessions.add(session)
         try:

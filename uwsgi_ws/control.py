@@ -1,4 +1,5 @@
-"""Orders from Django to the connections of every worker: ``disconnect()``.
+"""Orders from Django to the connections of every worker: ``disconnect()`` and
+``unsubscribe()``.
 
 Django publishes an order (which tags to close, with which code) on the project's
 control channel, with a short history, like any message. Each worker's
@@ -18,7 +19,7 @@ import threading
 from typing import Protocol
 
 from .hub import Hub
-from .protocol import Disconnect, Envelope, Position, control_channel, decode_control
+from .protocol import Disconnect, Envelope, Position, Unsubscribe, control_channel, decode_control
 from .store import Store
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,12 @@ class Closable(Protocol):
 
     def close_soon(self, code: int, reason: str) -> None:
         """Close the connection from another greenlet or thread; never blocks."""
+
+    def unsubscribe_soon(self, audience: str, facility: str | None) -> bool:
+        """End the subscriptions to ``audience`` (in ``facility``, or any); never blocks.
+
+        Returns whether the connection had such a subscription.
+        """
 
 
 class Controller:
@@ -133,8 +140,9 @@ class Controller:
             return
         self.execute(order)
 
-    def execute(self, order: Disconnect) -> int:
-        """Close the local connections that carry one of the order's tags; return how many."""
+    def execute(self, order: Disconnect | Unsubscribe) -> int:
+        """Close the local connections that carry one of the order's tags (or end their
+        subscription, for an :class:`Unsubscribe`); return how many."""
         with self._lock:
             targets: set[Closable] = set()
             for tag in order.tags:
@@ -144,9 +152,15 @@ class Controller:
             # A connection authorized clearly after the order is not its target.
             if connection.started > order.issued + self._skew:
                 continue
+            if isinstance(order, Unsubscribe):
+                closed += connection.unsubscribe_soon(order.audience, order.facility)
+                continue
             connection.close_soon(order.code, order.reason)
             closed += 1
-        if closed:
+        if isinstance(order, Unsubscribe):
+            if closed:
+                logger.info("ended %d subscription(s) to %s on order", closed, order.audience)
+        elif closed:
             logger.info("closed %d connection(s) on order (code %d)", closed, order.code)
         return closed
 

@@ -48,6 +48,7 @@ from .protocol import (
     client_frame,
     decide_recovery,
     encode_event_id,
+    presence_channel,
     sse_event,
     sse_message_data,
     text_frame,
@@ -152,6 +153,10 @@ class SessionCore:
         self.state = State.SUBSCRIBING
         self.close_code: int | None = None
         self.labels = {channel: label for label, channel in ticket.subscribe.items()}
+        # join/leave channel -> the label of the channel it tells about
+        self._events_of = {presence_channel(c): self.labels[c] for c in ticket.presence_events if c in self.labels}
+        #: The join/leave channels the driver subscribes to besides ``labels``.
+        self.event_channels = tuple(self._events_of)
         self.positions: dict[str, Position] = {}
         # channels whose history is being read: their live messages wait here
         self._held: dict[str, list[tuple[Envelope, bytes | None]]] = {c: [] for c in self.labels}
@@ -170,6 +175,7 @@ class SessionCore:
         self._last_heard = now
         self._next_beat = now + interval
         self._too_old = now + ticket.max_age if ticket.max_age > 0 else float("inf")
+        self._reading: list[tuple[str, str]] = []
 
     # ----------------------------------------------------------------- timers
 
@@ -205,8 +211,10 @@ class SessionCore:
         if self.state is not State.SUBSCRIBING:
             return []
         self.state = State.SYNCING
+        # The channels read, in order: one may be unsubscribed before the read is done.
+        self._reading = list(self.labels.items())
         requests = tuple(
-            (channel, self.ticket.recover.get(label), self.ticket.latest) for channel, label in self.labels.items()
+            (channel, self.ticket.recover.get(label), self.ticket.latest) for channel, label in self._reading
         )
         if not requests:
             return self.history_read([])
@@ -217,7 +225,9 @@ class SessionCore:
         if self.state is not State.SYNCING:
             return []
         actions: list[Action] = []
-        for (channel, label), state in zip(self.labels.items(), states, strict=True):
+        for (channel, label), state in zip(self._reading, states, strict=True):
+            if channel not in self.labels:
+                continue  # unsubscribed meanwhile
             since = self.ticket.recover.get(label)
             outcome = decide_recovery(since, state.epoch, state.top, state.history, latest=self.ticket.latest)
             for envelope in outcome.envelopes:
@@ -249,6 +259,10 @@ class SessionCore:
         """
         if self.state is State.CLOSING or self.state is State.CLOSED:
             return None  # nothing after Close
+        if self._events_of:
+            label = self._events_of.get(channel)
+            if label is not None:
+                return self._presence_event(label, envelope)
         if self._held:
             held = self._held.get(channel)
             if held is not None:
@@ -257,10 +271,13 @@ class SessionCore:
         position = self.positions.get(channel)
         if position is not None and position.epoch == envelope.epoch and envelope.offset <= position.offset:
             return None  # delivered already (from history, or twice by the Hub)
+        label = self.labels.get(channel)
+        if label is None:
+            return None  # unsubscribed on order; the Hub has not heard yet
         self.positions[channel] = Position(envelope.offset, envelope.epoch)
         if envelope.sender == self.sender and not self.ticket.echo:
             return None
-        return self._message(self.labels[channel], envelope, frame)
+        return self._message(label, envelope, frame)
 
     def resynced(self, channel: str, recovered: bool, position: Position) -> list[Action]:
         """The Hub caught up with ``channel`` after losing Redis.
@@ -275,6 +292,23 @@ class SessionCore:
             position = current
         self.positions[channel] = position
         return [Send(self._subscribed_frame(self.labels[channel], position, recovered))]
+
+    def unsubscribe(self, channels: list[str]) -> list[Action]:
+        """End these subscriptions on Django's order: nothing more is delivered on them
+        from now on, and the client is told (``unsubscribed``). The connection stays."""
+        if self.state is State.CLOSING or self.state is State.CLOSED:
+            return []
+        actions: list[Action] = []
+        for channel in channels:
+            label = self.labels.pop(channel, None)
+            if label is None:
+                continue
+            self.positions.pop(channel, None)
+            self._held.pop(channel, None)
+            self._events_of.pop(presence_channel(channel), None)
+            actions.append(Send(self._control("unsubscribed", {"type": "unsubscribed", "channel": label})))
+        self.event_channels = tuple(self._events_of)
+        return actions
 
     def _deliver(self, channel: str, envelope: Envelope, frame: bytes | None) -> list[Action]:
         position = self.positions.get(channel)
@@ -419,6 +453,26 @@ class SessionCore:
             "recovered": recovered,
         }
         return self._control("subscribed", document)
+
+    def _presence_event(self, label: str, envelope: Envelope) -> bytes | None:
+        """A join or leave of ``label``'s members, as a control frame (None: not now)."""
+        if self.state is not State.OPEN:
+            return None  # the client reads the roster once ready
+        try:
+            document = json.loads(envelope.payload)
+            kind, user = document["type"], document["user"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        if kind not in ("join", "leave") or not isinstance(user, str):
+            return None
+        if user and user == self.ticket.presence_user:
+            # Its own user: the join is this very connection's (it may arrive before or
+            # after ready, depending on the Hub), and no leave can come while it is open.
+            return None
+        event: dict[str, object] = {"type": kind, "channel": label, "user": user}
+        if kind == "join":
+            event["info"] = document.get("info")
+        return self._control(kind, event)
 
     def _ready_frame(self) -> bytes:
         # sender: this connection's id; event-stream clients mark their POSTs with it,

@@ -144,10 +144,54 @@ def parse_channel(channel: str) -> tuple[str, str, Audience]:
 
 
 def channel_label(channel: str) -> str:
-    """Return the client-facing label of a Redis channel name."""
+    """Return the client-facing label of a Redis channel name.
+
+    The join/leave channel of a channel (see :func:`presence_channel`) has the label
+    of the channel it tells about.
+    """
     if channel.endswith(":control}") and channel.count(":") == 1:
         return "control"  # the workers' own channel (see control_channel); no client sees it
+    if channel.endswith("}" + PRESENCE_SUFFIX):
+        channel = channel[: -len(PRESENCE_SUFFIX)]
     return parse_channel(channel)[2].label
+
+
+PRESENCE_SUFFIX = ":presence"
+
+
+def presence_channel(channel: str) -> str:
+    """Return the pub/sub channel carrying the join and leave events of ``channel``.
+
+    It shares the channel's hash tag. No ticket ever grants publishing to it (client
+    publish rights are channel names made by :func:`channel_name`), so only the
+    websocket instance's presence code writes there.
+    """
+    return channel + PRESENCE_SUFFIX
+
+
+def members_key(channel: str) -> str:
+    """Return the key of the hash of a channel's connections (see uwsgi_ws.presence)."""
+    return channel + ":members"
+
+
+def workers_key(channel: str) -> str:
+    """Return the key of the sorted set of the leases of a channel's workers."""
+    return channel + ":workers"
+
+
+def users_key(channel: str) -> str:
+    """Return the key of the hash counting a channel's connections per user."""
+    return channel + ":users"
+
+
+def presence_index_key(prefix: str) -> str:
+    """Return the key of the project's index of channels with presence entries."""
+    return "{" + f"{prefix}:presence" + "}"
+
+
+def presence_events_key(prefix: str) -> str:
+    """Return the key of the project's stream of presence changes (``ws_events``)."""
+    return "{" + f"{prefix}:presence-events" + "}"
 
 
 def meta_key(channel: str) -> str:
@@ -183,7 +227,7 @@ PUBLISH_FLAGS = {
     "publish-group": Kind.GROUP,
     "publish-session": Kind.SESSION,
 }
-OTHER_FLAGS = ("echo", "latest")
+OTHER_FLAGS = ("echo", "latest", "presence")
 MAX_QUERY_LENGTH = 8192
 #: The largest offset a channel can reach: Redis counts with HINCRBY, on a signed
 #: 64-bit integer. A position beyond it cannot name a message (and 2^64 and more are
@@ -208,6 +252,8 @@ class Request:
     echo: bool = False
     latest: bool = False
     recover: Mapping[str, Position] = field(default_factory=dict)
+    #: ``presence``: receive join and leave events of the subscribed channels.
+    presence: bool = False
 
 
 def parse_query(query: str) -> Request:
@@ -250,7 +296,7 @@ def parse_query(query: str) -> Request:
             shown = name if len(name) <= 40 else name[:40] + "..."
             raise BadRequest(
                 f"unknown query parameter {shown!r}; expected subscribe-*, publish-* "
-                "(broadcast, user, group, session), echo, latest or recover"
+                "(broadcast, user, group, session), echo, latest, presence or recover"
             )
     if not subscribe and not publish:
         raise BadRequest(
@@ -263,6 +309,7 @@ def parse_query(query: str) -> Request:
         echo="echo" in flags,
         latest="latest" in flags,
         recover=recover,
+        presence="presence" in flags,
     )
 
 
@@ -340,6 +387,13 @@ class Ticket:
             ``group:<name>`` and ``session:<digest>``.
         max_age: seconds after which the connection is closed so that the client
             reconnects with fresh rights (0: no limit).
+        presence: the subscribed channels (Redis names) this connection is listed in.
+        presence_events: the subscribed channels whose join and leave events it gets.
+        presence_user: the username it is listed under ('' for anonymous: counted,
+            not listed).
+        presence_info: what the project's ``PRESENCE_INFO`` hook returned (JSON).
+        presence_ttl: seconds within which its entries expire if its worker dies.
+        presence_stream: presence changes kept in the project's stream (0: none).
     """
 
     subscribe: Mapping[str, str]
@@ -356,6 +410,12 @@ class Ticket:
     prefix: str = "ws"
     tags: tuple[str, ...] = ()
     max_age: float = 0.0
+    presence: tuple[str, ...] = ()
+    presence_events: tuple[str, ...] = ()
+    presence_user: str = ""
+    presence_info: Any = None
+    presence_ttl: float = 30.0
+    presence_stream: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -384,6 +444,15 @@ class Ticket:
             "k": self.prefix,
             "g": list(self.tags),
             "a": self.max_age,
+            # by label, not channel name: a user in many groups must not double the ticket
+            "ps": [
+                [label for label, channel in self.subscribe.items() if channel in self.presence],
+                [label for label, channel in self.subscribe.items() if channel in self.presence_events],
+                self.presence_user,
+                self.presence_info,
+                self.presence_ttl,
+                self.presence_stream,
+            ],
         }
 
     @classmethod
@@ -406,9 +475,24 @@ class Ticket:
                 prefix=validate_prefix(str(data["k"])),
                 tags=tuple(str(t) for t in data["g"]),
                 max_age=float(data["a"]),
+                **_presence_fields(data.get("ps"), data["s"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError):
             raise TicketError("malformed ticket") from None
+
+
+def _presence_fields(value: Any, subscribe: Mapping[str, Any]) -> dict[str, Any]:
+    if value is None:  # signed before presence existed
+        return {}
+    labels, events, user, info, ttl, stream = value
+    return {
+        "presence": tuple(str(subscribe[label]) for label in labels),
+        "presence_events": tuple(str(subscribe[label]) for label in events),
+        "presence_user": str(user),
+        "presence_info": info,
+        "presence_ttl": float(ttl),
+        "presence_stream": int(stream),
+    }
 
 
 def _nonempty(text: str) -> str:
@@ -482,22 +566,55 @@ def encode_disconnect(order: Disconnect) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode("utf-8")
 
 
-def decode_control(payload: bytes) -> Disconnect:
-    """Parse a control message made by :func:`encode_disconnect`.
+@dataclass(frozen=True)
+class Unsubscribe:
+    """An order to end one subscription of every local connection carrying one of ``tags``.
+
+    ``audience`` is the client-facing label of the subscription to end
+    (``"group:staff"``, ``"broadcast"``, ``"user"``); ``facility`` limits it to one
+    facility (None: every facility). The connection stays open; ``issued`` works as
+    for :class:`Disconnect`.
+    """
+
+    tags: tuple[str, ...]
+    audience: str
+    facility: str | None = None
+    issued: float = 0.0
+
+
+def encode_unsubscribe(order: Unsubscribe) -> bytes:
+    """Return the control message carrying ``order``."""
+    document = {
+        "type": "unsubscribe",
+        "tags": list(order.tags),
+        "audience": order.audience,
+        "facility": order.facility,
+        "issued": order.issued,
+    }
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+
+def decode_control(payload: bytes) -> Disconnect | Unsubscribe:
+    """Parse a control message made by :func:`encode_disconnect` or :func:`encode_unsubscribe`.
 
     Raises:
         ValueError: not a control message this version understands.
     """
     try:
         document = json.loads(payload)
-        if not isinstance(document, dict) or document.get("type") != "disconnect":
-            raise ValueError("not a disconnect order")
+        if not isinstance(document, dict) or document.get("type") not in ("disconnect", "unsubscribe"):
+            raise ValueError("not a control order")
         tags = document["tags"]
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise ValueError("tags must be a list of strings")
         issued = document["issued"]
         if not isinstance(issued, (int, float)) or isinstance(issued, bool):
             raise ValueError("issued must be a number")
+        if document["type"] == "unsubscribe":
+            audience, facility = document["audience"], document["facility"]
+            if not isinstance(audience, str) or not (facility is None or isinstance(facility, str)):
+                raise ValueError("audience must be a string and facility a string or null")
+            return Unsubscribe(tuple(tags), audience, facility, float(issued))
         order = Disconnect(tuple(tags), document["code"], document["reason"], float(issued))
     except (KeyError, TypeError, UnicodeDecodeError) as exc:
         raise ValueError(f"malformed control message ({type(exc).__name__})") from None

@@ -53,6 +53,7 @@ from .transport import Transport
 
 if TYPE_CHECKING:
     from .control import Controller
+    from .presence import PresenceTracker
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class Session:
         subscribe_timeout: seconds to wait for Redis to confirm subscriptions.
         controller: the worker's controller, which closes connections on Django's
             orders (``disconnect()``); None: no orders are followed.
+        presence: the worker's presence tracker, which lists the connection in the
+            channels of ``ticket.presence``; None: it is listed nowhere.
         clock: monotonic clock (for tests).
     """
 
@@ -95,6 +98,7 @@ class Session:
         *,
         subscribe_timeout: float = 10.0,
         controller: Controller | None = None,
+        presence: PresenceTracker | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ticket = ticket
@@ -102,6 +106,7 @@ class Session:
         self.hub = hub
         self.store = store
         self.controller = controller
+        self.presence = presence
         self.tags = ticket.tags
         self.started = time.time()
         self.id = os.urandom(8).hex().encode("ascii")
@@ -132,13 +137,18 @@ class Session:
         self._lock: contextlib.AbstractContextManager[object] = (
             contextlib.nullcontext() if self._cooperative else threading.RLock()
         )
+        # The channels this connection is listed in (presence), and those ended on
+        # order whose Hub subscription and presence entry the session's thread removes.
+        self._listed: list[str] = []
+        self._ended: list[str] = []
 
     # ----------------------------------------------------------------- main loop
 
     def run(self) -> None:
         """Serve the connection until either side closes it."""
-        channels = list(self.core.labels)
+        channels = [*self.core.labels, *self.core.event_channels]
         controlled = False
+        ticket = self.ticket
         try:
             try:
                 if self.controller is not None:
@@ -146,6 +156,18 @@ class Session:
                     controlled = True
                 if channels:
                     self.hub.subscribe(self, channels, timeout=self._subscribe_timeout)
+                if self.presence is not None and ticket.presence:
+                    # Listed before the client is ready: a roster it reads then has it.
+                    self.presence.join(
+                        self.id.decode("ascii"),
+                        ticket.presence,
+                        user=ticket.presence_user,
+                        info=ticket.presence_info,
+                        ttl=ticket.presence_ttl,
+                        stream_size=ticket.presence_stream,
+                        since=self.started,
+                    )
+                    self._listed = list(ticket.presence)
             except RedisUnavailable as exc:  # SubscribeTimeout among them
                 logger.warning("closing the connection of %s: Redis unavailable (%s)", self.ticket.identity, exc)
                 self._perform(self._step(self.core.failed))
@@ -156,6 +178,12 @@ class Session:
             logger.exception("websocket session of %s failed", self.ticket.identity)
             self._step(self.core.close, CLOSE_INTERNAL_ERROR, "internal error")
         finally:
+            self._release_ended()
+            if self._listed:
+                assert self.presence is not None
+                self.presence.leave(
+                    self.id.decode("ascii"), self._listed, user=ticket.presence_user, stream_size=ticket.presence_stream
+                )
             if controlled:
                 assert self.controller is not None
                 self.controller.remove(self)
@@ -189,6 +217,8 @@ class Session:
                     core.receive(data, self._clock())
                     pending = True
             now = self._clock()
+            if self._ended:  # subscriptions ended on order (see unsubscribe_soon)
+                self._release_ended()
             if now >= core.next_timer and self._finish is None:
                 self._perform(self._step(core.timer, now))
 
@@ -329,6 +359,40 @@ class Session:
     def close_soon(self, code: int, reason: str) -> None:
         """Close with ``code`` from another greenlet or thread (never blocks)."""
         self._step(self.core.close, code, reason)
+
+    def unsubscribe_soon(self, audience: str, facility: str | None) -> bool:
+        """End the subscriptions to ``audience`` (in ``facility``, or any) from another
+        greenlet or thread (never blocks): nothing more is delivered on them at once;
+        the session's own thread then leaves the Hub's channel and the presence."""
+        from .protocol import parse_channel
+
+        with self._lock:
+            channels = []
+            for channel, label in self.core.labels.items():
+                if label == audience and (facility is None or parse_channel(channel)[1] == facility):
+                    channels.append(channel)
+            if not channels:
+                return False
+            self._apply(self.core.unsubscribe(channels))
+            self._ended += channels
+        self.transport.interrupt()
+        return True
+
+    def _release_ended(self) -> None:
+        """Leave the Hub's channels and the presence of subscriptions ended on order."""
+        with self._lock:
+            ended, self._ended = self._ended, []
+        if not ended:
+            return
+        from .protocol import presence_channel
+
+        self.hub.unsubscribe(self, [*ended, *(presence_channel(c) for c in ended)])
+        gone = [c for c in ended if c in self._listed]
+        if gone and self.presence is not None:
+            self._listed = [c for c in self._listed if c not in gone]
+            self.presence.leave(
+                self.id.decode("ascii"), gone, user=self.ticket.presence_user, stream_size=self.ticket.presence_stream
+            )
 
     def going_away(self) -> None:
         """Close with 1012 (service restart) from another greenlet or thread."""

@@ -87,6 +87,9 @@ DJANGO_WS = {
     "HEARTBEAT": float(os.environ.get("DJANGO_WS_HEARTBEAT", "20")),
     "RATE_LIMIT": (float(_rate), int(_burst)),
     "ALLOW_MISSING_ORIGIN": os.environ.get("DJANGO_WS_ALLOW_MISSING_ORIGIN", "1") == "1",
+    # Who is online: the chat shows each member's display name.
+    "PRESENCE_TTL": float(os.environ.get("DJANGO_WS_PRESENCE_TTL", "30")),
+    "PRESENCE_INFO": "chat.views.presence_info",
 }
 # More websocket instances than the one uwsgi.ini.example starts (comma-separated
 # addresses): hand-overs take turns. Default: $DJANGO_WS_OFFLOAD_TO, that one instance.

@@ -60,3 +60,11 @@ def team(request: HttpRequest) -> JsonResponse:
     payload = {"kind": "group", "from": request.user.get_username(), "text": text, "groups": groups}
     django_ws.publish(FACILITY, payload, groups=groups)
     return JsonResponse({"sent": True})
+
+
+def presence_info(request: HttpRequest) -> dict[str, str] | None:
+    """What the room shows next to a member who is online (DJANGO_WS["PRESENCE_INFO"])."""
+    user = request.user
+    if not user.is_authenticated:
+        return None
+    return {"name": user.get_full_name() or user.get_username()}

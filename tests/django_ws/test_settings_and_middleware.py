@@ -37,6 +37,12 @@ def rf(project):
         ({"RATE_LIMIT": 10}, "RATE_LIMIT"),
         ({"AUTHORIZE": "no.such.hook"}, "AUTHORIZE"),
         ({"PUBLISH_COMMAND": "XPUBLISH"}, "PUBLISH_COMMAND"),
+        ({"PRESENCE_TTL": 0}, "PRESENCE_TTL"),
+        ({"PRESENCE_INFO": "no.such.hook"}, "PRESENCE_INFO"),
+        ({"PRESENCE_INFO": 3}, "PRESENCE_INFO"),
+        ({"PRESENCE_EVENTS": "chat"}, "PRESENCE_EVENTS"),
+        ({"PRESENCE_EVENTS": ["a..b"]}, "PRESENCE_EVENTS"),
+        ({"PRESENCE_STREAM_SIZE": -1}, "PRESENCE_STREAM_SIZE"),
         ({"HISTROY_SIZE": 3}, "unknown DJANGO_WS setting"),
     ],
 )

@@ -414,3 +414,84 @@ def test_event_stream_ids_carry_every_position():
     [close] = core.close(4100, "bye")[:1]
     assert close.data.startswith(b"event: close\n")
     assert core.receive(b"ignored", 1) is None and core.process(1) == ([], False)
+
+
+# --------------------------------------------------------------------------- presence events
+
+EVENTS = "{ws:f:broadcast}:presence"
+
+
+def presence_env(document: dict, offset: int = 1) -> Envelope:
+    from uwsgi_ws.protocol import KIND_JSON
+
+    return Envelope(b"", KIND_JSON, offset, "p", json.dumps(document).encode())
+
+
+def open_core(**kw) -> SessionCore:
+    core = SessionCore(ticket(**kw), sender=ME, now=0.0)
+    core.subscribed()
+    core.history_read([state(0)])
+    return core
+
+
+def test_presence_events_become_join_and_leave_frames():
+    core = open_core(presence=(CHANNEL,), presence_events=(CHANNEL,), presence_user="carol")
+    assert core.event_channels == (EVENTS,)
+    join = core.live(EVENTS, presence_env({"type": "join", "user": "alice", "info": {"n": 1}}), None)
+    leave = core.live(EVENTS, presence_env({"type": "leave", "user": "alice"}, 2), None)
+    assert frames([Send(join), Send(leave)]) == [
+        {"type": "join", "channel": "broadcast", "user": "alice", "info": {"n": 1}},
+        {"type": "leave", "channel": "broadcast", "user": "alice"},
+    ]
+
+
+@pytest.mark.parametrize(
+    "document",
+    [{"type": "join", "user": "carol"}, {"type": "message", "user": "x"}, {"type": "join"}, {"user": 3}],
+)
+def test_own_user_and_malformed_presence_events_are_dropped(document):
+    core = open_core(presence=(CHANNEL,), presence_events=(CHANNEL,), presence_user="carol")
+    assert core.live(EVENTS, presence_env(document), None) is None
+
+
+def test_no_presence_events_before_ready_or_without_asking():
+    core = SessionCore(ticket(presence=(CHANNEL,), presence_events=(CHANNEL,)), sender=ME, now=0.0)
+    assert core.live(EVENTS, presence_env({"type": "join", "user": "alice"}), None) is None
+    assert open_core(presence=(CHANNEL,)).event_channels == ()
+
+
+def test_event_streams_name_presence_events():
+    core = EventStreamCore(ticket(presence=(CHANNEL,), presence_events=(CHANNEL,)), sender=ME, now=0.0)
+    core.subscribed()
+    core.history_read([state(0)])
+    data = core.live(EVENTS, presence_env({"type": "leave", "user": "bob"}), None)
+    assert data == b'event: leave\ndata: {"type":"leave","channel":"broadcast","user":"bob"}\n\n'
+
+
+# --------------------------------------------------------------------------- unsubscribe
+
+
+def test_unsubscribe_stops_a_channel_at_once_and_says_so():
+    core = SessionCore(ticket(subscribe={"broadcast": CHANNEL, "user": OTHER}), sender=ME, now=0.0)
+    started(core, state(0), state(0))
+    assert frames(core.unsubscribe([OTHER])) == [{"type": "unsubscribed", "channel": "user"}]
+    assert core.live(OTHER, env(1), None) is None
+    assert core.live(CHANNEL, env(1), None) is not None  # the other channel goes on
+    assert core.unsubscribe([OTHER]) == []  # once
+
+
+def test_unsubscribe_while_the_history_is_read():
+    core = SessionCore(ticket(subscribe={"broadcast": CHANNEL, "user": OTHER}), sender=ME, now=0.0)
+    core.subscribed()
+    core.live(OTHER, env(1), None)  # held during the read
+    core.unsubscribe([OTHER])
+    actions = core.history_read([state(0), state(1, [1])])
+    assert [f["type"] for f in frames(actions)] == ["subscribed", "ready"]
+    assert data_of(actions) == []
+
+
+def test_event_streams_name_the_unsubscribed_event():
+    core = EventStreamCore(ticket(), sender=ME, now=0.0)
+    started(core, state(0))
+    [send] = core.unsubscribe([CHANNEL])
+    assert send.data == b'event: unsubscribed\ndata: {"type":"unsubscribed","channel":"broadcast"}\n\n'

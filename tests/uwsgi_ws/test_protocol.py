@@ -445,3 +445,37 @@ def test_websocket_instance_without_a_secret_answers_500_not_a_traceback(monkeyp
     answered = []
     body = WebSocketApplication()({"REQUEST_METHOD": "GET"}, lambda status, headers: answered.append(status))
     assert answered == ["500 Internal Server Error"] and b"Traceback" not in b"".join(body)
+
+
+def test_unsubscribe_orders_round_trip_and_malformed_ones_are_refused():
+    from uwsgi_ws.protocol import Unsubscribe, decode_control, encode_unsubscribe
+
+    order = Unsubscribe(("user:bob",), "group:red", "chat", 12.5)
+    assert decode_control(encode_unsubscribe(order)) == order
+    assert decode_control(encode_unsubscribe(Unsubscribe(("user:bob",), "broadcast"))).facility is None
+    for bad in (
+        b'{"type":"unsubscribe","tags":["u"],"audience":3,"facility":null,"issued":1}',
+        b'{"type":"unsubscribe","tags":["u"],"audience":"broadcast","issued":1}',
+        b'{"type":"subscribe","tags":["u"],"audience":"broadcast","facility":null,"issued":1}',
+    ):
+        with pytest.raises(ValueError):
+            decode_control(bad)
+
+
+def test_presence_fields_of_a_ticket_round_trip_by_label():
+    from uwsgi_ws.protocol import Ticket, sign_ticket, verify_ticket
+
+    subscribe = {"broadcast": "{ws:f:broadcast}", "group:a": "{ws:f:group:a}", "session": "{ws:f:session:d}"}
+    ticket = Ticket(
+        subscribe=subscribe,
+        expires=1e12,
+        presence=("{ws:f:broadcast}", "{ws:f:group:a}"),
+        presence_events=("{ws:f:group:a}",),
+        presence_user="alice",
+        presence_info={"n": 1},
+        presence_ttl=12.0,
+        presence_stream=5,
+    )
+    token = sign_ticket(ticket, b"s" * 32)
+    assert verify_ticket(token, b"s" * 32) == ticket
+    assert "{ws:f:group:a}" not in json.dumps(ticket.to_dict()["ps"])  # labels, not channel names

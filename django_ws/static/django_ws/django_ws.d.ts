@@ -30,6 +30,8 @@ export interface Target {
   echo?: boolean;
   /** On a first connection, receive the last message kept in each channel. */
   latest?: boolean;
+  /** Receive "join" and "leave" events of the subscribed channels' members. */
+  presence?: boolean;
   /** settings.WEBSOCKET_URL; default "/ws/". */
   prefix?: string;
   /** The endpoint URL, replacing prefix + facility; relative URLs resolve against the page. */
@@ -188,6 +190,29 @@ export interface EventMap {
   status: Status;
   /** "auto" fell back to Server-Sent Events ("sse"), or back to websockets after a refused stream. */
   transport: "websocket" | "sse";
+  /** A user's first connection to a channel opened (with `presence`). */
+  join: { channel: string; user: string; info: unknown };
+  /** A user's last connection to a channel closed (with `presence`). */
+  leave: { channel: string; user: string };
+  /** The server ended this subscription (django_ws.unsubscribe()); the socket stays open. */
+  unsubscribed: { channel: string };
+}
+
+export interface PresenceMember {
+  user: string;
+  connections: number;
+  /** Unix time (seconds) of the user's earliest connection. */
+  since: number;
+  info: unknown;
+}
+
+export interface Roster {
+  channel: string;
+  members: PresenceMember[];
+  users: number;
+  /** Connections without a user: counted, never listed. */
+  anonymous: number;
+  connections: number;
 }
 
 export class Connection {
@@ -214,6 +239,8 @@ export class Connection {
   reconnect(): void;
   /** The last positions seen. */
   positions(): PositionMap;
+  /** Who is connected to `channel` ("broadcast", "user", "group:<name>") now. */
+  presence(channel: string): Promise<Roster>;
 }
 
 export function connect(target: string | Target, options?: Options): Connection;
@@ -247,6 +274,8 @@ export function decodeEventData(text: string): { type: string; [key: string]: un
 export function readCookie(cookies: string, name: string): string | null;
 /** The http(s) URL of the event stream at a websocket URL. */
 export function streamUrl(url: string): string;
+/** The http(s) URL answering who is connected to a channel of the facility at `url`. */
+export function presenceUrl(url: string, channel: string): string;
 /** An event stream with a WebSocket's face, as the Connection uses it. */
 export class EventStreamSocket implements WebSocketLike {
   constructor(url: string, env: object);
@@ -295,6 +324,7 @@ declare const DjangoWs: {
   decodeEventData: typeof decodeEventData;
   readCookie: typeof readCookie;
   streamUrl: typeof streamUrl;
+  presenceUrl: typeof presenceUrl;
   EventStreamSocket: typeof EventStreamSocket;
   isValidPosition: typeof isValidPosition;
   CLOSE_CODES: typeof CLOSE_CODES;

@@ -17,6 +17,7 @@
   var EVENTS = [
     "open", "message", "subscribed", "recovered", "notrecovered", "ready",
     "error", "close", "reconnecting", "status", "transport", "disconnected",
+    "join", "leave", "unsubscribed",
   ];
   var TRANSPORTS = ["auto", "websocket", "sse"];
   // The server's limits on the query string (uwsgi_ws.protocol.parse_query).
@@ -244,6 +245,7 @@
       });
       if (target.echo) flags.push("echo");
       if (target.latest) flags.push("latest");
+      if (target.presence) flags.push("presence");
     } else {
       throw new TypeError("connect() takes a URL or {facility, subscribe, publish, ...}");
     }
@@ -302,6 +304,16 @@
     return text;
   }
 
+  /**
+   * The http(s) URL answering who is connected to `channel` ("broadcast", "user",
+   * "group:<name>") of the facility at websocket URL `url`.
+   */
+  function presenceUrl(url, channel) {
+    if (typeof channel !== "string" || !channel) throw new TypeError("presence() takes a channel label, e.g. \"broadcast\"");
+    var path = url.split("#")[0].split("?")[0];
+    return streamUrl(path) + "?presence=" + encodeURIComponent(channel);
+  }
+
   /** The http(s) URL of the event stream at the same place as websocket URL `url`. */
   function streamUrl(url) {
     return url.replace(/^ws/i, "http");
@@ -344,7 +356,7 @@
 
   // ------------------------------------------------------------------ event streams
 
-  var STREAM_EVENTS = ["message", "subscribed", "ready", "heartbeat"];
+  var STREAM_EVENTS = ["message", "subscribed", "ready", "heartbeat", "join", "leave", "unsubscribed"];
 
   /**
    * A Server-Sent Events stream dressed as a WebSocket, for the Connection: onopen,
@@ -861,6 +873,22 @@
       case "error":
         this._emit("error", { source: "server", message: String(frame.error) });
         break;
+      case "join":
+      case "leave":
+        if (typeof frame.channel === "string" && typeof frame.user === "string") {
+          var who = { channel: frame.channel, user: frame.user };
+          if (frame.type === "join") who.info = frame.info === undefined ? null : frame.info;
+          this._emit(frame.type, who);
+        }
+        break;
+      case "unsubscribed":
+        if (typeof frame.channel === "string") {
+          // Nothing more comes on it; a reconnection must not ask to recover it.
+          this._subscribedNow.delete(frame.channel);
+          this._positions.retain(this._subscribedNow);
+          this._emit("unsubscribed", { channel: frame.channel });
+        }
+        break;
       default: // "heartbeat", and types this client does not know yet
         break;
     }
@@ -893,6 +921,33 @@
     if (this._ws === ws) this._emit("ready", {});
   };
 
+  /**
+   * Ask the server who is connected to `channel` ("broadcast", "user", "group:<name>")
+   * of this connection's facility. Resolves to {channel, members: [{user, connections,
+   * since, info}], users, anonymous, connections}; rejects with an Error whose `status`
+   * is the HTTP status (403: this client may not subscribe to that channel).
+   */
+  Connection.prototype.presence = function (channel) {
+    var url;
+    try {
+      url = presenceUrl(this.url, channel);
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    var init = { method: "GET", credentials: this.options.withCredentials ? "include" : "same-origin",
+      headers: { Accept: "application/json" } };
+    return this._streamEnv.fetch(url, init).then(function (response) {
+      return response.text().then(function (text) {
+        if (!response.ok) {
+          var error = new Error("presence of " + channel + " refused: " + response.status + " " + text.trim());
+          error.status = response.status;
+          throw error;
+        }
+        return JSON.parse(text);
+      });
+    });
+  };
+
   /** Open a connection; see Connection. */
   function connect(target, options) {
     return new Connection(target, options);
@@ -914,6 +969,7 @@
     decodeEventData: decodeEventData,
     readCookie: readCookie,
     streamUrl: streamUrl,
+    presenceUrl: presenceUrl,
     EventStreamSocket: EventStreamSocket,
     isValidPosition: isValidPosition,
     CLOSE_CODES: CLOSE_CODES,
