@@ -58,9 +58,11 @@ def cluster_port() -> int:
 
 
 class Cluster:
-    def __init__(self, tmp: Path, masters: int = 3) -> None:
+    """``masters`` masters, each with ``replicas`` replicas (promoted when it fails)."""
+
+    def __init__(self, tmp: Path, masters: int = 3, replicas: int = 0) -> None:
         self.nodes = []
-        for i in range(masters):
+        for i in range(masters * (1 + replicas)):
             d = tmp / f"node{i}"
             d.mkdir()
             self.nodes.append(
@@ -73,11 +75,13 @@ class Cluster:
                     str(d / "nodes.conf"),
                     "--cluster-require-full-coverage",
                     "no",
+                    "--cluster-node-timeout",
+                    "1000" if replicas else "15000",
                 )
             )
         addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
         subprocess.run(
-            [REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            [REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", str(replicas), "--cluster-yes"],
             check=True,
             capture_output=True,
             timeout=60,
@@ -90,11 +94,14 @@ class Cluster:
     def cli(port: int, *args: str) -> str:
         return subprocess.run([REDIS_CLI, "-p", str(port), *args], capture_output=True, text=True, timeout=10).stdout
 
-    def owner(self, key: str) -> int:
-        """The port of the master that holds ``key``'s slot."""
-        slot = int(self.cli(self.nodes[0].port, "CLUSTER", "KEYSLOT", key))
-        for line in self.cli(self.nodes[0].port, "CLUSTER", "NODES").splitlines():
+    def owner(self, key: str, via: int | None = None) -> int:
+        """The port of the master that holds ``key``'s slot (as node ``via`` sees it)."""
+        via = via or self.nodes[0].port
+        slot = int(self.cli(via, "CLUSTER", "KEYSLOT", key))
+        for line in self.cli(via, "CLUSTER", "NODES").splitlines():
             fields = line.split()
+            if "master" not in fields[2] or "fail" in fields[2]:
+                continue
             for part in fields[8:]:
                 low, _, high = part.partition("-")
                 if low.isdigit() and int(low) <= slot <= int(high or low):
