@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,9 @@ from .exceptions import InvalidArgument, PublishError, RedisUnavailable
 from .protocol import MAX_OFFSET, Envelope, Position, decode_envelope, log_key, meta_key
 
 logger = logging.getLogger(__name__)
+
+# History reads sent in one pipeline (a batch of more goes in several).
+_READS_PER_PIPELINE = 1000
 
 # KEYS: meta hash, history stream, pub/sub channel.
 # ARGV: sender, kind, payload, history size, ttl in ms, publish command, history
@@ -238,6 +242,10 @@ class Store:
     def __init__(self, client: redis.Redis, *, publish_command: str = "PUBLISH") -> None:
         self.client = client
         self.publish_command = publish_command
+        # History reads: the batch being gathered, and whether one is on its way.
+        self._reads_lock = threading.Lock()
+        self._next_batch: _ReadBatch | None = None
+        self._reading = False
 
     def publish(
         self,
@@ -332,9 +340,68 @@ class Store:
         kept message is read. With a position, the history after it is returned only
         if it can recover it (see FETCH_LUA), so the cost is at most the kept history.
 
+        Calls made while another one's read is on its way to Redis wait for it and
+        are then read together, each distinct request once: 5,000 connections
+        coming back at once from the same position on the broadcast channel cost
+        one read of it, not 5,000. A read is never shared with a call that came
+        after it was sent (that caller may have missed what was published between
+        the read and its own subscription).
+
         Raises:
             RedisUnavailable: Redis could not be reached or refused the read.
         """
+        if not requests:
+            return []
+        keys = [(channel, since, bool(latest)) for channel, since, latest in requests]
+        with self._reads_lock:
+            batch = self._next_batch
+            if batch is None:
+                batch = self._next_batch = _ReadBatch()
+            for key in keys:
+                batch.keys.setdefault(key, None)
+            lead = not self._reading
+            if lead:
+                self._reading = True
+        if lead:
+            self._read_batches()
+        else:
+            batch.done.wait()
+        if batch.error is not None:
+            raise RedisUnavailable(
+                f"could not read {len(keys)} channel(s): Redis error {type(batch.error).__name__}"
+            ) from batch.error
+        return [batch.results[key] for key in keys]
+
+    def _read_batches(self) -> None:
+        """Read the waiting batches one after another, until none is left."""
+        while True:
+            with self._reads_lock:
+                batch = self._next_batch
+                self._next_batch = None
+                if batch is None:
+                    self._reading = False
+                    return
+            try:
+                keys = list(batch.keys)
+                states: list[ChannelState] = []
+                for start in range(0, len(keys), _READS_PER_PIPELINE):
+                    states += self._read(keys[start : start + _READS_PER_PIPELINE])
+                batch.results = dict(zip(keys, states, strict=True))
+            except (RedisError, RedisClusterException) as exc:
+                batch.error = exc
+            except BaseException as exc:
+                # The reader itself is being stopped: nobody is left to read the
+                # batches waiting, so they fail with it.
+                with self._reads_lock:
+                    waiting, self._next_batch, self._reading = self._next_batch, None, False
+                for failed in (batch, waiting):
+                    if failed is not None:
+                        failed.error = exc
+                        failed.done.set()
+                raise
+            batch.done.set()
+
+    def _read(self, requests: Sequence[tuple[str, Position | None, bool]]) -> list[ChannelState]:
         calls = []
         for channel, since, latest in requests:
             if since is not None and 0 <= since.offset < MAX_OFFSET:
@@ -350,12 +417,7 @@ class Store:
             else:
                 args = ("none",)
             calls.append(((meta_key(channel), log_key(channel)), args))
-        try:
-            results = _FETCH.run_many(self.client, calls)
-        except (RedisError, RedisClusterException) as exc:
-            raise RedisUnavailable(
-                f"could not read {len(calls)} channel(s): Redis error {type(exc).__name__}"
-            ) from exc
+        results = _FETCH.run_many(self.client, calls)
         states = []
         for epoch, top, entries in results:
             history = []
@@ -366,6 +428,18 @@ class Store:
                     logger.warning("ignoring a malformed history entry")
             states.append(ChannelState(_text(epoch) if epoch else None, int(top or 0), tuple(history)))
         return states
+
+
+class _ReadBatch:
+    """History reads waiting to be sent together, and their outcome."""
+
+    __slots__ = ("keys", "results", "error", "done")
+
+    def __init__(self) -> None:
+        self.keys: dict[tuple[str, Position | None, bool], None] = {}
+        self.results: dict[tuple[str, Position | None, bool], ChannelState] = {}
+        self.error: BaseException | None = None
+        self.done = threading.Event()
 
 
 def _text(value: Any) -> str:
