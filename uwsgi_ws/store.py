@@ -130,8 +130,10 @@ return {allowed, string.format('%.6f', wait)}
 # published meanwhile is either in the answer or arrives later over pub/sub.
 # History is returned only when it can help: in the client's epoch, and still
 # holding the first message the client missed (otherwise nothing can be recovered,
-# and sending the whole history to the worker would cost it for nothing). The offset
-# is returned as Redis stores it, a string: Lua numbers are doubles.
+# and sending the whole history to the worker would cost it for nothing); or, when
+# the channel started a new epoch since (Redis lost its state), everything kept of
+# the new one, which the client has never seen. The offset is returned as Redis
+# stores it, a string: Lua numbers are doubles.
 FETCH_LUA = """
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'offset')
 if not meta[1] then
@@ -145,6 +147,8 @@ elseif ARGV[1] == 'after' and (ARGV[3] == '' or ARGV[3] == meta[1]) then
   if #entries > 0 and entries[1][1] ~= ARGV[2] then
     entries = {}
   end
+elseif ARGV[1] == 'after' then
+  entries = redis.call('XRANGE', KEYS[2], '-', '+')
 end
 local out = {}
 for i, entry in ipairs(entries) do

@@ -241,3 +241,24 @@ def test_subscribe_times_out_when_redis_does_not_answer(private_redis, tmp_path)
         hub.subscribe(Listener(), [channel("f")], timeout=0.5)
     assert time.monotonic() - started < 2.5
     hub.stop()
+
+
+def test_after_redis_lost_a_channel_its_new_messages_are_delivered(hub_setup):
+    # Redis restarted empty while the Hub was away: what was published since, in the
+    # channel's new epoch, reaches the listeners; the old gap is reported lost.
+    hub, store, gate, client = hub_setup
+    listener = Listener()
+    hub.subscribe(listener, [channel("g")], timeout=5)
+    publish(store, channel("g"), "before")
+    wait_for(lambda: listener.messages, what="the first message")
+    gate.reconnect.clear()
+    gate.kill(client)
+    wait_for(lambda: gate.connects >= 2, what="the Hub trying to reconnect")
+    client.flushall()
+    for i in range(3):
+        publish(store, channel("g"), f"new {i}")
+    gate.reconnect.set()
+    wait_for(lambda: listener.resyncs, what="the resync")
+    [(_, recovered, position)] = listener.resyncs
+    assert recovered is False and position == Position(3, _epoch(store, channel("g")))
+    assert [m[2] for m in listener.messages] == [b"before", b"new 0", b"new 1", b"new 2"]

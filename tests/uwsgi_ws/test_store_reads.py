@@ -93,3 +93,21 @@ def test_a_failed_read_fails_every_caller_waiting_for_it(private):
         store.fetch([(channel, Position(1, "e"), False)])
     store.client = redis.Redis(port=private.port)
     assert store.fetch([(channel, None, False)])[0].epoch is None  # the next call reads again
+
+
+def test_a_channel_redis_lost_hands_over_its_new_epoch(private):
+    from uwsgi_ws.protocol import decide_recovery
+
+    client = private.client()
+    store = Store(redis.Redis(port=private.port))
+    channel = "{t:" + uuid.uuid4().hex + ":broadcast}"
+    seen = publish(store, channel, "old")
+    [old] = store.fetch([(channel, None, False)])
+    client.flushall()  # Redis lost everything, as after a restart without its data
+    for i in range(3):
+        publish(store, channel, f"new {i}")
+    [state] = store.fetch([(channel, Position(seen, old.epoch or ""), False)])
+    assert state.epoch != old.epoch and state.top == 3
+    outcome = decide_recovery(Position(seen, old.epoch or ""), state.epoch, state.top, state.history)
+    assert outcome.recovered is False
+    assert [e.payload for e in outcome.envelopes] == [b"new 0", b"new 1", b"new 2"]
