@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,11 @@ logger = logging.getLogger(__name__)
 
 # History reads sent in one pipeline (a batch of more goes in several).
 _READS_PER_PIPELINE = 1000
+# A read asked for within _STORM seconds of the last one waits _GATHER seconds for
+# others to join it: during a reconnection storm, connections that come back from
+# the same position on a channel then share its read. A lone read does not wait.
+_STORM = 0.05
+_GATHER = 0.005
 
 # KEYS: meta hash, history stream, pub/sub channel.
 # ARGV: sender, kind, payload, history size, ttl in ms, publish command, history
@@ -250,6 +256,7 @@ class Store:
         self._reads_lock = threading.Lock()
         self._next_batch: _ReadBatch | None = None
         self._reading = False
+        self._last_read = -1.0
 
     def publish(
         self,
@@ -357,6 +364,7 @@ class Store:
         if not requests:
             return []
         keys = [(channel, since, bool(latest)) for channel, since, latest in requests]
+        now = time.monotonic()
         with self._reads_lock:
             batch = self._next_batch
             if batch is None:
@@ -367,6 +375,10 @@ class Store:
             if lead:
                 self._reading = True
         if lead:
+            if now - self._last_read < _STORM:
+                # Connections are coming back in numbers (a worker restarted, Redis
+                # failed over): give the others a moment to join this read.
+                time.sleep(_GATHER)
             self._read_batches()
         else:
             batch.done.wait()
@@ -384,6 +396,7 @@ class Store:
                 self._next_batch = None
                 if batch is None:
                     self._reading = False
+                    self._last_read = time.monotonic()
                     return
             try:
                 keys = list(batch.keys)

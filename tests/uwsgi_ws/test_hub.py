@@ -262,3 +262,61 @@ def test_after_redis_lost_a_channel_its_new_messages_are_delivered(hub_setup):
     [(_, recovered, position)] = listener.resyncs
     assert recovered is False and position == Position(3, _epoch(store, channel("g")))
     assert [m[2] for m in listener.messages] == [b"before", b"new 0", b"new 1", b"new 2"]
+
+
+def _hmget_calls(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0))
+
+
+def test_a_recent_position_is_recovered_from_the_hub_without_redis(hub_setup):
+    hub, store, gate, client = hub_setup
+    listeners = [Listener(), Listener()]
+    for listener in listeners:
+        hub.subscribe(listener, [channel("h")], timeout=5)
+    for i in range(3):
+        publish(store, channel("h"), f"m{i}")
+    wait_for(lambda: all(len(x.messages) == 3 for x in listeners), what="the messages")
+    epoch = _epoch(store, channel("h"))
+    client.config_resetstat()
+    state = hub.recent(channel("h"), Position(1, epoch))
+    assert state is not None and (state.epoch, state.top) == (epoch, 3)
+    assert [e.payload for e in state.history] == [b"m1", b"m2"]
+    caught_up = hub.recent(channel("h"), Position(3, epoch))
+    assert caught_up is not None and (caught_up.top, caught_up.history) == (3, ())
+    assert _hmget_calls(client) == 0
+    # What the Hub cannot know: another epoch, a position ahead of it, offset 0.
+    assert hub.recent(channel("h"), Position(1, "another")) is None
+    assert hub.recent(channel("h"), Position(0, "")) is None
+
+
+def test_what_the_hub_cannot_answer_is_read_once_for_all_the_callers(hub_setup):
+    # A worker that just started: its Hub delivered nothing yet, and connections come
+    # back from a position some messages ago, all at once.
+    hub, store, gate, client = hub_setup
+    for i in range(4):
+        publish(store, channel("k"), f"m{i}")
+    epoch = _epoch(store, channel("k"))
+    listeners = [Listener() for _ in range(20)]
+    for listener in listeners:
+        hub.subscribe(listener, [channel("k")], timeout=5)
+    client.config_resetstat()
+    answers: list = []
+    start = threading.Barrier(20)
+
+    def come_back() -> None:
+        start.wait(5)
+        answers.append(hub.recent(channel("k"), Position(2, epoch)))
+
+    threads = [threading.Thread(target=come_back) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(answers) == 20
+    for answer in answers:
+        assert answer is not None and answer.top == 4
+        assert [e.payload for e in answer.history] == [b"m2", b"m3"]
+    assert _hmget_calls(client) == 1
+    # Live messages still reach every listener once.
+    publish(store, channel("k"), "live")
+    wait_for(lambda: all(x.messages == [(channel("k"), 5, b"live")] for x in listeners), what="the live message")
