@@ -532,11 +532,17 @@ class Hub:
             for envelope in missed:
                 self._fan_out(name, state, envelope)
             if not recovered:
-                with self._lock:  # the gap cannot be filled: go on from where the channel is
-                    state.position = _later(state.position, position)
+                # The gap cannot be filled: go on from where the channel stands, even
+                # below what was delivered (a replica promoted before it had the last
+                # messages: the next ones reuse those offsets and must not be taken
+                # for repeats).
+                with self._lock:
+                    state.position = position
                     state.tail.clear()
-            self._release(name)
+            # The listeners learn where the channel stands before the live messages
+            # held meanwhile, which follow that position.
             self._notify(name, lambda listener, n=name, r=recovered, p=position: listener.resynced(n, r, p))  # type: ignore[misc]
+            self._release(name)
 
     def _read_history(self, to_read: list[tuple[str, Position]]) -> dict[str, ChannelState | None]:
         """Read every channel of ``to_read``: one pipelined read, tried a few times
@@ -615,12 +621,6 @@ def _joined(entries: Iterable[Envelope], first: int, last: Position) -> bool:
             return False
         expected += 1
     return expected == last.offset + 1 and expected > first
-
-
-def _later(current: Position | None, other: Position) -> Position:
-    if current is not None and current.epoch == other.epoch and current.offset > other.offset:
-        return current
-    return other
 
 
 def connection_factory(url: str, *, ping_interval: float) -> Callable[[], Connection]:

@@ -320,3 +320,34 @@ def test_what_the_hub_cannot_answer_is_read_once_for_all_the_callers(hub_setup):
     # Live messages still reach every listener once.
     publish(store, channel("k"), "live")
     wait_for(lambda: all(x.messages == [(channel("k"), 5, b"live")] for x in listeners), what="the live message")
+
+
+def test_a_channel_that_went_back_after_a_lossy_failover_delivers_its_new_messages(hub_setup):
+    # A replica promoted before it had the last messages: the channel stands at an
+    # offset below what the Hub delivered, in the same epoch, and the next messages
+    # reuse those offsets. They must reach the listeners, not be taken for repeats.
+    from uwsgi_ws.protocol import log_key, meta_key
+
+    hub, store, gate, client = hub_setup
+    listener = Listener()
+    hub.subscribe(listener, [channel("l")], timeout=5)
+    for i in range(5):
+        publish(store, channel("l"), f"m{i}")
+    wait_for(lambda: len(listener.messages) == 5, what="the messages")
+    gate.reconnect.clear()
+    gate.kill(client)
+    wait_for(lambda: gate.connects >= 2, what="the Hub trying to reconnect")
+    # What the promoted replica had: the first three messages.
+    kept = client.xrange(log_key(channel("l")), "-", "3-0")
+    client.delete(log_key(channel("l")))
+    for entry_id, fields in kept:
+        client.xadd(log_key(channel("l")), fields, id=entry_id)
+    client.hset(meta_key(channel("l")), "offset", 3)
+    gate.reconnect.set()
+    wait_for(lambda: listener.resyncs, what="the resync")
+    epoch = _epoch(store, channel("l"))
+    assert listener.resyncs == [(channel("l"), False, Position(3, epoch))]
+    listener.where = Position(3, epoch)  # as a session does on resynced
+    assert publish(store, channel("l"), "new 4") == 4
+    wait_for(lambda: len(listener.messages) == 6, what="the new message at offset 4", timeout=5)
+    assert listener.messages[-1] == (channel("l"), 4, b"new 4")
