@@ -52,7 +52,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _CHUNK = 256  # channels per SUBSCRIBE command, and per history read after a reconnection
-_RESYNC_PAUSES = (0.2, 0.5, 1.0)  # seconds after each failed pipelined history read
+# Seconds after each failed pipelined history read, after a reconnection: a Redis
+# Cluster promotes a replica after its node timeout (15 s by default), a Sentinel
+# after down-after-milliseconds; the reads go on meanwhile, the live messages of
+# those channels held, rather than closing every connection that listens to them.
+_RESYNC_PAUSES = (0.2, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0)
 # Messages the Hub keeps per shared channel, so that connections coming back from a
 # recent position recover from memory (see Hub.recent).
 _TAIL = 64

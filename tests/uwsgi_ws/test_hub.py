@@ -217,7 +217,10 @@ def test_a_gap_the_history_cannot_cover_is_reported(hub_setup):
     assert [m[2] for m in listener.messages] == [b"before"]  # nothing delivered out of a gap
 
 
-def test_a_history_read_that_fails_is_reported_to_the_listeners(hub_setup, private_redis):
+def test_a_history_read_that_fails_is_reported_to_the_listeners(hub_setup, private_redis, monkeypatch):
+    import uwsgi_ws.hub
+
+    monkeypatch.setattr(uwsgi_ws.hub, "_RESYNC_PAUSES", (0.2, 0.5))
     hub, store, gate, client = hub_setup
     listener = Listener()
     hub.subscribe(listener, [channel("e")], timeout=5)
@@ -351,3 +354,27 @@ def test_a_channel_that_went_back_after_a_lossy_failover_delivers_its_new_messag
     assert publish(store, channel("l"), "new 4") == 4
     wait_for(lambda: len(listener.messages) == 6, what="the new message at offset 4", timeout=5)
     assert listener.messages[-1] == (channel("l"), 4, b"new 4")
+
+
+def test_a_history_read_failing_for_seconds_is_retried_until_it_works(hub_setup, private_redis):
+    # As during a Cluster failover: the channel's master is gone for a few seconds,
+    # then its replica answers. The listeners are recovered, not closed.
+    hub, store, gate, client = hub_setup
+    listener = Listener()
+    hub.subscribe(listener, [channel("m")], timeout=5)
+    publish(store, channel("m"), "before")
+    wait_for(lambda: listener.messages, what="the first message")
+    gate.reconnect.clear()
+    gate.kill(client)
+    wait_for(lambda: gate.connects >= 2, what="the Hub trying to reconnect")
+    publish(store, channel("m"), "missed")
+    reachable = store.client
+    store.client = redis.Redis(port=1, socket_connect_timeout=0.2)  # the reads fail
+    gate.reconnect.set()
+    # Longer than the reads used to be tried (1.7 s), then the replica answers.
+    wait_for(lambda: hub.resync_reads >= 5, what="five failed reads", timeout=10)
+    store.client = reachable  # the replica took over
+    wait_for(lambda: listener.resyncs, what="the resync", timeout=20)
+    assert listener.failed == []
+    assert [r[1] for r in listener.resyncs] == [True]
+    assert [m[2] for m in listener.messages] == [b"before", b"missed"]
