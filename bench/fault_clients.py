@@ -59,6 +59,7 @@ class Tab:
         self.connections = 0
         self.failures = 0
         self.transport = None
+        self.last_event = 0.0  # the last subscribed, ready or close frame, or drop
 
     def url(self) -> str:
         if not self.positions:
@@ -93,16 +94,19 @@ class Listener(WSListener):
                 else:
                     seen[seq] = (now, not tab.ready)
             elif what == "subscribed":
+                tab.last_event = now
                 tab.positions[document["channel"]] = [document["offset"], document["epoch"]]
                 if document.get("recovered") is False:
                     tab.not_recovered.append((now, document["channel"]))
             elif what == "ready":
+                tab.last_event = now
                 tab.ready = True
                 if not self.ready_future.done():
                     self.ready_future.set_result(now)
         elif kind == WSMsgType.CLOSE:
             code = frame.get_close_code()
-            tab.closes.append((time.time(), int(code)))
+            tab.last_event = time.time()
+            tab.closes.append((tab.last_event, int(code)))
             transport.send_close(code)
             transport.disconnect()
         elif kind == WSMsgType.PING:
@@ -182,7 +186,8 @@ class Clients:
         return count
 
     def report(self, cmd: dict) -> dict:
-        since, until, fault = float(cmd["since"]), float(cmd["until"]), float(cmd["fault"])
+        # Owed: the messages given; events (frames, closes) counted from the fault on.
+        until, fault = float(cmd["until"]), float(cmd["fault"])
         broadcast = [(int(s), float(t)) for s, t in cmd["broadcast"]]
         user: dict[int, list[tuple[int, float]]] = {}
         for index, s, t in cmd["user"]:
@@ -215,11 +220,11 @@ class Clients:
                 published = (broadcast_times if kind == "b" else user_times.get(tab.index, {})).get(seq)
                 if published is not None:
                     duplicated += 1
-        not_recovered = sum(1 for tab in self.tabs if any(since <= t <= until for t, _ in tab.not_recovered))
+        not_recovered = sum(1 for tab in self.tabs if any(fault <= t <= until for t, _ in tab.not_recovered))
         codes: Counter[str] = Counter()
         for tab in self.tabs:
             for t, code in tab.closes:
-                if since <= t <= until:
+                if fault <= t <= until:
                     codes[str(code)] += 1
         return {
             "live": live,
@@ -261,6 +266,7 @@ async def main() -> None:
                 "connecting": clients.connecting,
                 "failures": sum(t.failures for t in clients.tabs),
                 "connections": sum(t.connections for t in clients.tabs),
+                "last_event": max((t.last_event for t in clients.tabs), default=0.0),
             }
         elif name == "caught_up":
             result = {"count": clients.caught_up(int(cmd["broadcast"]), cmd["user"])}

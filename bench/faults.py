@@ -159,11 +159,12 @@ class Clients:
             t.join()
         return results
 
-    def status(self) -> dict[str, int]:
-        total: dict[str, int] = {}
+    def status(self) -> dict[str, Any]:
+        total: dict[str, Any] = {"last_event": 0.0}
         for result in self.all({"cmd": "status"}):
             for key in ("open", "connecting", "failures", "connections"):
                 total[key] = total.get(key, 0) + int(result.get(key, 0))
+            total["last_event"] = max(total["last_event"], float(result.get("last_event", 0.0)))
         return total
 
     def close(self) -> None:
@@ -376,6 +377,11 @@ class Run:
         from django.utils import timezone
         from django.utils.crypto import get_random_string
 
+        from django.conf import settings
+        from django.test.utils import override_settings
+
+        # The publisher's history size (HISTORY_SIZE): what a reconnection can recover.
+        override_settings(DJANGO_WS={**settings.DJANGO_WS, "HISTORY_SIZE": self.args.history_size}).enable()
         call_command("migrate", verbosity=0)
         self.usernames = [f"user{i}" for i in range(self.n)]
         users = [User(username=name, password="!" + get_random_string(20)) for name in self.usernames]
@@ -469,6 +475,13 @@ class Run:
             time.sleep(0.25)
 
     def row(self, fault: str, inject: Callable[[], None]) -> None:
+        # The previous fault is over for every client: no subscribed, ready or close
+        # frame for a second (a Hub resynchronising thousands of channels tells the
+        # last clients after they hold every message).
+        deadline = time.monotonic() + 30
+        while time.time() - self.clients.status()["last_event"] < 1.0 and time.monotonic() < deadline:
+            progress(f"{fault}: waiting for the clients to settle")
+            time.sleep(0.2)
         since = self.mark
         before = snapshot(self.topology.ports)
         failed_before = self.publisher.failed
@@ -658,6 +671,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=5000)
     parser.add_argument("--rate", type=float, default=200.0, help="messages published per second")
     parser.add_argument("--broadcast-rate", type=float, default=4.0, help="of which broadcasts per second")
+    parser.add_argument(
+        "--history-size",
+        type=int,
+        default=1000,
+        help="HISTORY_SIZE of the published messages (the default, 100, is 25 s of broadcasts at 4/s: "
+        "less than a front reload at 5,000 sockets takes on two cores)",
+    )
     parser.add_argument("--settle", type=float, default=2.0, help="seconds of steady state before the first fault")
     parser.add_argument("--catch-up-timeout", type=float, default=90.0)
     parser.add_argument("--only", default="", help="comma-separated phases: redis,sentinel,cluster")
@@ -694,8 +714,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = sorted(run.rows, key=lambda r: ORDER.index(r["fault"]))
-    print(f"\n{args.connections} websockets, {args.rate:g} messages/s ({args.broadcast_rate:g} broadcasts/s), "
-          f"{time.monotonic() - started:.0f}s in all\n")
+    print(
+        f"\n{args.connections} websockets, {args.rate:g} messages/s ({args.broadcast_rate:g} broadcasts/s), "
+        f"HISTORY_SIZE {args.history_size}, {time.monotonic() - started:.0f}s in all\n"
+    )
     print(HEADER)
     for row in rows:
         print(format_row(row))

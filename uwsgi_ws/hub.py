@@ -247,8 +247,8 @@ class Hub:
             return None
         answer = self._from_memory(state, since)
         if answer is None and len(state.listeners) > 1:
-            self._fill(channel, state, since, wait)
-            answer = self._from_memory(state, since)
+            read = self._fill(channel, state, since, wait)
+            answer = self._from_memory(state, since) or read
         return answer
 
     def _from_memory(self, state: _Channel, since: Position) -> ChannelState | None:
@@ -276,9 +276,10 @@ class Hub:
             return None
         return ChannelState(position.epoch, position.offset, wanted)
 
-    def _fill(self, channel: str, state: _Channel, since: Position, wait: float) -> None:
+    def _fill(self, channel: str, state: _Channel, since: Position, wait: float) -> ChannelState | None:
         """Read what ``channel`` holds after ``since`` once for every caller of
         recent(), and keep what joins up with the messages the Hub delivered.
+        Return the read to the caller that made it (None to the others).
 
         Only messages up to the Hub's own position are kept as delivered: those after
         it may still be on their way to the Hub, which must deliver them to the
@@ -293,7 +294,7 @@ class Hub:
         assert done is not None
         if not lead:
             done.wait(wait)
-            return
+            return None
         read = None
         try:
             if self._store is not None:
@@ -320,9 +321,12 @@ class Hub:
                     first = tail[0].offset if tail else position.offset + 1
                     merged = [e for e in read.history if e.offset < first and e.offset <= position.offset] + tail
                     if _joined(merged, since.offset + 1, position):
-                        state.tail = collections.deque(merged[-_TAIL:], maxlen=_TAIL)
+                        # As long as the history read (HISTORY_SIZE at most): the
+                        # connections still coming back from that position need it.
+                        state.tail = collections.deque(merged, maxlen=max(_TAIL, len(merged)))
             state.priming = None
         done.set()
+        return read
 
     def position(self, channel: str) -> Position | None:
         """The last position the Hub knows of ``channel`` (for tests and metrics)."""

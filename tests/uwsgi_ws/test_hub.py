@@ -287,9 +287,11 @@ def test_a_recent_position_is_recovered_from_the_hub_without_redis(hub_setup):
     caught_up = hub.recent(channel("h"), Position(3, epoch))
     assert caught_up is not None and (caught_up.top, caught_up.history) == (3, ())
     assert _hmget_calls(client) == 0
-    # What the Hub cannot know: another epoch, a position ahead of it, offset 0.
-    assert hub.recent(channel("h"), Position(1, "another")) is None
-    assert hub.recent(channel("h"), Position(0, "")) is None
+    # What the Hub cannot know (another epoch) it reads, as the caller would have.
+    other = Position(1, "another")
+    assert hub.recent(channel("h"), other) == store.fetch([(channel("h"), other, False)])[0]
+    assert _hmget_calls(client) == 2
+    assert hub.recent(channel("h"), Position(0, "")) is None  # from the start: the caller reads
 
 
 def test_what_the_hub_cannot_answer_is_read_once_for_all_the_callers(hub_setup):
