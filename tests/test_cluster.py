@@ -220,3 +220,33 @@ def test_a_small_pool_makes_callers_wait_on_a_cluster_too(cluster):
     client = make_client(cluster.url, max_connections=2, wait=10, socket_timeout=5)
     assert many_waiting_for_a_small_pool(client) == []
     client.close()
+
+
+def test_one_hub_per_worker_when_its_first_connections_arrive_at_once(cluster):
+    # Making the Redis client of a Cluster URL talks to the nodes (it reads the slot
+    # map): connections arriving together at a fresh worker must still share one
+    # Hub and one Store, not each start their own subscriber connection.
+    import secrets
+    import threading
+
+    from uwsgi_ws.app import WebSocketApplication
+
+    app = WebSocketApplication(Config(secret=secrets.token_bytes(32), redis_url=cluster.url))
+    start = threading.Barrier(8)
+    got: list = []
+
+    def first_connection() -> None:
+        start.wait(10)
+        got.append(app._runtime())
+
+    threads = [threading.Thread(target=first_connection) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    hubs = {id(hub): hub for hub, _ in got}
+    stores = {id(store): store for _, store in got}
+    for hub in hubs.values():
+        hub.stop()
+    app.close()
+    assert (len(got), len(hubs), len(stores)) == (8, 1, 1)
