@@ -204,18 +204,21 @@ class Publisher(threading.Thread):
             elif now - due > 1.0:  # after an outage: keep the rate, do not burst
                 tick = int((now - started) / interval)
             t = time.time()
+            # A number is never used twice: a publish that failed may still have
+            # reached Redis (its answer lost as Redis shut down), and the next message
+            # with the same number would look like a duplicate.
             try:
                 if tick % self.every == 0:
-                    django_ws.publish(FACILITY, {"k": "b", "s": bseq, "t": t}, broadcast=True)
+                    seq, bseq = bseq, bseq + 1
+                    django_ws.publish(FACILITY, {"k": "b", "s": seq, "t": t}, broadcast=True)
                     with self.lock:
-                        self.broadcast.append((bseq, t))
-                    bseq += 1
+                        self.broadcast.append((seq, t))
                 else:
-                    index = useq % len(self.users)
-                    django_ws.publish(FACILITY, {"k": "u", "s": useq, "t": t}, users=[self.users[index]])
+                    seq, useq = useq, useq + 1
+                    index = seq % len(self.users)
+                    django_ws.publish(FACILITY, {"k": "u", "s": seq, "t": t}, users=[self.users[index]])
                     with self.lock:
-                        self.user.append((index, useq, t))
-                    useq += 1
+                        self.user.append((index, seq, t))
             except django_ws.PublishError:
                 self.failed += 1
             tick += 1
