@@ -58,9 +58,11 @@ def cluster_port() -> int:
 
 
 class Cluster:
-    def __init__(self, tmp: Path, masters: int = 3) -> None:
+    """``masters`` masters, each with ``replicas`` replicas (promoted when it fails)."""
+
+    def __init__(self, tmp: Path, masters: int = 3, replicas: int = 0) -> None:
         self.nodes = []
-        for i in range(masters):
+        for i in range(masters * (1 + replicas)):
             d = tmp / f"node{i}"
             d.mkdir()
             self.nodes.append(
@@ -73,11 +75,13 @@ class Cluster:
                     str(d / "nodes.conf"),
                     "--cluster-require-full-coverage",
                     "no",
+                    "--cluster-node-timeout",
+                    "1000" if replicas else "15000",
                 )
             )
         addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
         subprocess.run(
-            [REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            [REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", str(replicas), "--cluster-yes"],
             check=True,
             capture_output=True,
             timeout=60,
@@ -90,11 +94,14 @@ class Cluster:
     def cli(port: int, *args: str) -> str:
         return subprocess.run([REDIS_CLI, "-p", str(port), *args], capture_output=True, text=True, timeout=10).stdout
 
-    def owner(self, key: str) -> int:
-        """The port of the master that holds ``key``'s slot."""
-        slot = int(self.cli(self.nodes[0].port, "CLUSTER", "KEYSLOT", key))
-        for line in self.cli(self.nodes[0].port, "CLUSTER", "NODES").splitlines():
+    def owner(self, key: str, via: int | None = None) -> int:
+        """The port of the master that holds ``key``'s slot (as node ``via`` sees it)."""
+        via = via or self.nodes[0].port
+        slot = int(self.cli(via, "CLUSTER", "KEYSLOT", key))
+        for line in self.cli(via, "CLUSTER", "NODES").splitlines():
             fields = line.split()
+            if "master" not in fields[2] or "fail" in fields[2]:
+                continue
             for part in fields[8:]:
                 low, _, high = part.partition("-")
                 if low.isdigit() and int(low) <= slot <= int(high or low):
@@ -213,3 +220,33 @@ def test_a_small_pool_makes_callers_wait_on_a_cluster_too(cluster):
     client = make_client(cluster.url, max_connections=2, wait=10, socket_timeout=5)
     assert many_waiting_for_a_small_pool(client) == []
     client.close()
+
+
+def test_one_hub_per_worker_when_its_first_connections_arrive_at_once(cluster):
+    # Making the Redis client of a Cluster URL talks to the nodes (it reads the slot
+    # map): connections arriving together at a fresh worker must still share one
+    # Hub and one Store, not each start their own subscriber connection.
+    import secrets
+    import threading
+
+    from uwsgi_ws.app import WebSocketApplication
+
+    app = WebSocketApplication(Config(secret=secrets.token_bytes(32), redis_url=cluster.url))
+    start = threading.Barrier(8)
+    got: list = []
+
+    def first_connection() -> None:
+        start.wait(10)
+        got.append(app._runtime())
+
+    threads = [threading.Thread(target=first_connection) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    hubs = {id(hub): hub for hub, _ in got}
+    stores = {id(store): store for _, store in got}
+    for hub in hubs.values():
+        hub.stop()
+    app.close()
+    assert (len(got), len(hubs), len(stores)) == (8, 1, 1)

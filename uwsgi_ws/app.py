@@ -21,6 +21,7 @@ import hmac
 import logging
 import os
 import signal
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -71,6 +72,7 @@ class WebSocketApplication:
         self._hub: Hub | None = None
         self._store: Store | None = None
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
+        self._runtime_lock = threading.Lock()
         self._controllers: dict[str, Controller] = {}
         self._trackers: dict[str, PresenceTracker] = {}
 
@@ -82,6 +84,15 @@ class WebSocketApplication:
 
     def _runtime(self) -> tuple[Hub, Store]:
         # Built on first use, so inside the worker process after uWSGI forked it.
+        hub, store = self._hub, self._store
+        if hub is not None and store is not None:
+            return hub, store
+        # Once: making a Cluster client talks to the nodes, and the connections that
+        # arrive meanwhile must not each build a Hub of their own.
+        with self._runtime_lock:
+            return self._build_runtime()
+
+    def _build_runtime(self) -> tuple[Hub, Store]:
         if self._hub is None or self._store is None:
             config = self.config
             client = make_client(

@@ -52,7 +52,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _CHUNK = 256  # channels per SUBSCRIBE command, and per history read after a reconnection
-_RESYNC_PAUSES = (0.2, 0.5, 1.0)  # seconds after each failed pipelined history read
+# Seconds after each failed pipelined history read, after a reconnection: a Redis
+# Cluster promotes a replica after its node timeout (15 s by default), a Sentinel
+# after down-after-milliseconds; the reads go on meanwhile, the live messages of
+# those channels held, rather than closing every connection that listens to them.
+_RESYNC_PAUSES = (0.2, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0)
+# Messages the Hub keeps per shared channel, so that connections coming back from a
+# recent position recover from memory (see Hub.recent).
+_TAIL = 64
 
 __all__ = ["Hub", "Listener", "SubscribeTimeout", "connection_factory"]
 
@@ -76,7 +83,7 @@ class Listener(Protocol):
 
 
 class _Channel:
-    __slots__ = ("label", "listeners", "confirmed", "resync", "held", "position")
+    __slots__ = ("label", "listeners", "confirmed", "resync", "held", "position", "tail", "known", "priming")
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -86,8 +93,15 @@ class _Channel:
         # ``held`` (None when not resynchronising).
         self.resync = False
         self.held: list[Envelope] | None = None
-        # The last position delivered on the channel.
+        # The last position delivered on the channel, and the last messages delivered
+        # up to it (kept while several listeners share the channel).
         self.position: Position | None = None
+        self.tail: collections.deque[Envelope] = collections.deque(maxlen=_TAIL)
+        # Before the Hub delivered anything on the channel: its state as read from
+        # Redis after the subscription (position, and the messages up to it), which
+        # only recent() uses; and the read of it under way.
+        self.known: tuple[Position, tuple[Envelope, ...]] | None = None
+        self.priming: threading.Event | None = None
 
 
 class Hub:
@@ -134,6 +148,7 @@ class Hub:
         # Channels confirmed after a reconnection, waiting for their history read.
         self._to_resync: collections.deque[str] = collections.deque()
         self._resync_wanted = threading.Event()
+        self._generation = 0  # connections lost so far (see _fill)
         self.reconnects = 0
         #: History reads issued after reconnections (one per pipelined batch of channels).
         self.resync_reads = 0
@@ -215,6 +230,104 @@ class Hub:
         if gone and send_now:
             self._send(self._unsub, gone)
 
+    def recent(self, channel: str, since: Position, *, wait: float = 2.0) -> ChannelState | None:
+        """What the Hub delivered on ``channel`` after ``since``, if it holds all of it.
+
+        For a listener registered (and confirmed) on ``channel``: every message after
+        the returned ``top`` reaches it live, so this answers its recovery as a read
+        of Redis would. After a worker restart or a reload, thousands of connections
+        come back from the same position on the broadcast channel: the first one
+        that the Hub cannot answer from memory reads the missed messages from Redis
+        for all of them (the others wait for that read, at most ``wait`` seconds),
+        and the Hub keeps them. None when the Hub cannot tell (a position of another
+        epoch, a channel resynchronising, a read that failed): read Redis then.
+        """
+        state = self._channels.get(channel)
+        if state is None or since.offset <= 0:
+            return None
+        answer = self._from_memory(state, since)
+        if answer is None and len(state.listeners) > 1:
+            read = self._fill(channel, state, since, wait)
+            answer = self._from_memory(state, since) or read
+        return answer
+
+    def _from_memory(self, state: _Channel, since: Position) -> ChannelState | None:
+        from .store import ChannelState
+
+        if state.held is not None or state.resync or not state.confirmed.is_set():
+            return None
+        position = state.position
+        tail: tuple[Envelope, ...]
+        if position is not None:
+            try:
+                tail = tuple(state.tail)
+            except RuntimeError:  # appended to meanwhile (threads): read Redis
+                return None
+        elif state.known is not None:
+            position, tail = state.known
+        else:
+            return None
+        if position.epoch != since.epoch or not 0 < since.offset <= position.offset:
+            return None
+        if since.offset == position.offset:
+            return ChannelState(position.epoch, position.offset, ())
+        wanted = tuple(e for e in tail if e.offset > since.offset)
+        if not _joined(wanted, since.offset + 1, position):
+            return None
+        return ChannelState(position.epoch, position.offset, wanted)
+
+    def _fill(self, channel: str, state: _Channel, since: Position, wait: float) -> ChannelState | None:
+        """Read what ``channel`` holds after ``since`` once for every caller of
+        recent(), and keep what joins up with the messages the Hub delivered.
+        Return the read to the caller that made it (None to the others).
+
+        Only messages up to the Hub's own position are kept as delivered: those after
+        it may still be on their way to the Hub, which must deliver them to the
+        listeners that need them.
+        """
+        with self._lock:
+            done = state.priming
+            lead = done is None
+            if lead:
+                done = state.priming = threading.Event()
+            generation = self._generation
+        assert done is not None
+        if not lead:
+            done.wait(wait)
+            return None
+        read = None
+        try:
+            if self._store is not None:
+                (read,) = self._store.fetch([(channel, since, False)])
+        except RedisUnavailable:
+            pass
+        with self._lock:
+            # Nothing across a reconnection: what was published while the Hub was
+            # away would then look delivered.
+            usable = (
+                read is not None
+                and read.epoch == since.epoch
+                and generation == self._generation
+                and state.held is None
+                and (read.top == since.offset or _joined(read.history, since.offset + 1, Position(read.top, since.epoch)))
+            )
+            if usable:
+                assert read is not None
+                position = state.position
+                if position is None:
+                    state.known = (Position(read.top, since.epoch), read.history)
+                elif position.epoch == since.epoch:
+                    tail = list(state.tail)
+                    first = tail[0].offset if tail else position.offset + 1
+                    merged = [e for e in read.history if e.offset < first and e.offset <= position.offset] + tail
+                    if _joined(merged, since.offset + 1, position):
+                        # As long as the history read (HISTORY_SIZE at most): the
+                        # connections still coming back from that position need it.
+                        state.tail = collections.deque(merged, maxlen=max(_TAIL, len(merged)))
+            state.priming = None
+        done.set()
+        return read
+
     def position(self, channel: str) -> Position | None:
         """The last position the Hub knows of ``channel`` (for tests and metrics)."""
         state = self._channels.get(channel)
@@ -267,8 +380,10 @@ class Hub:
     def _lost(self) -> None:
         with self._lock:
             self._connected = False
+            self._generation += 1
             for state in self._channels.values():
                 state.confirmed.clear()
+                state.known = None
             self._inflight.clear()
         if self._conn is not None:
             self._conn.disconnect()
@@ -350,7 +465,13 @@ class Hub:
         position = state.position
         if position is not None and position.epoch == envelope.epoch and envelope.offset <= position.offset:
             return  # delivered already (replayed from history after a reconnection)
+        if position is not None and position.epoch != envelope.epoch:
+            state.tail.clear()
         state.position = Position(envelope.offset, envelope.epoch)
+        if len(state.listeners) > 1:
+            state.tail.append(envelope)
+        elif state.tail:
+            state.tail.clear()  # it would no longer join up with the position
         frame = client_frame(state.label, envelope)
         for listener in tuple(state.listeners):
             try:
@@ -424,10 +545,17 @@ class Hub:
             for envelope in missed:
                 self._fan_out(name, state, envelope)
             if not recovered:
-                with self._lock:  # the gap cannot be filled: go on from where the channel is
-                    state.position = _later(state.position, position)
-            self._release(name)
+                # The gap cannot be filled: go on from where the channel stands, even
+                # below what was delivered (a replica promoted before it had the last
+                # messages: the next ones reuse those offsets and must not be taken
+                # for repeats).
+                with self._lock:
+                    state.position = position
+                    state.tail.clear()
+            # The listeners learn where the channel stands before the live messages
+            # held meanwhile, which follow that position.
             self._notify(name, lambda listener, n=name, r=recovered, p=position: listener.resynced(n, r, p))  # type: ignore[misc]
+            self._release(name)
 
     def _read_history(self, to_read: list[tuple[str, Position]]) -> dict[str, ChannelState | None]:
         """Read every channel of ``to_read``: one pipelined read, tried a few times
@@ -498,10 +626,14 @@ def _earliest(name: str, listeners: Iterable[Listener]) -> Position | None:
     return min((p for p in positions if p.epoch == epoch), key=lambda p: p.offset)
 
 
-def _later(current: Position | None, other: Position) -> Position:
-    if current is not None and current.epoch == other.epoch and current.offset > other.offset:
-        return current
-    return other
+def _joined(entries: Iterable[Envelope], first: int, last: Position) -> bool:
+    """Whether ``entries`` are exactly the offsets ``first`` .. ``last``, in ``last``'s epoch."""
+    expected = first
+    for envelope in entries:
+        if envelope.offset != expected or envelope.epoch != last.epoch:
+            return False
+        expected += 1
+    return expected == last.offset + 1 and expected > first
 
 
 def connection_factory(url: str, *, ping_interval: float) -> Callable[[], Connection]:

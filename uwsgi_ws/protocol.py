@@ -824,7 +824,10 @@ def decide_recovery(
 
     A client that saw nothing (offset 0) accepts any epoch: everything from offset 1
     must then be in the history. Otherwise the epochs must match and the history
-    must hold every offset after ``since``, without a gap.
+    must hold every offset after ``since``, without a gap. A client of an older
+    epoch is not recovered (what it missed of that epoch is gone), but is given the
+    current epoch's messages if the history holds them up to ``top``: published
+    after Redis lost its state, they were never delivered to it.
 
     The cost is bounded by the length of ``history``, whatever ``since`` and ``top``
     are: the client chooses the first, and a channel's counter only grows (10^12 is a
@@ -839,6 +842,11 @@ def decide_recovery(
     if epoch is None:
         return Recovery(since.offset == 0, (), current)
     if since.offset and since.epoch != epoch:
+        # The channel started again (Redis lost its state): what the client missed
+        # of the old epoch is gone, but the new one's messages, all unseen, are
+        # delivered if the history still holds them up to ``top`` without a gap.
+        if entries and entries[-1].offset == top and _consecutive(entries):
+            return Recovery(False, entries, current)
         return Recovery(False, (), current)
     if since.offset > top:
         return Recovery(False, (), current)
@@ -852,6 +860,12 @@ def decide_recovery(
         if envelope.offset != expected:
             return Recovery(False, (), current)
     return Recovery(True, wanted, current)
+
+
+def _consecutive(entries: tuple[Envelope, ...]) -> bool:
+    """Whether ``entries`` are one epoch's messages with offsets one after another."""
+    first = entries[0]
+    return all(e.epoch == first.epoch and e.offset == first.offset + i for i, e in enumerate(entries))
 
 
 # --------------------------------------------------------------------------- limits

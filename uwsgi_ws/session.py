@@ -48,7 +48,7 @@ from .core import (
 from .exceptions import PublishError, RedisUnavailable
 from .hub import Hub
 from .protocol import Envelope, Position, Ticket, rate_key
-from .store import Store
+from .store import ChannelState, Store
 from .transport import Transport
 
 if TYPE_CHECKING:
@@ -297,7 +297,7 @@ class Session:
             action = actions.pop(0)
             if isinstance(action, ReadHistory):
                 try:
-                    states = self.store.fetch(list(action.requests))
+                    states = self._read_history(action.requests)
                 except RedisUnavailable as exc:
                     logger.warning("closing the connection of %s: %s", self.ticket.identity, exc)
                     actions += self._step(self.core.failed)
@@ -306,6 +306,22 @@ class Session:
             elif isinstance(action, Publish):
                 refusal = self._publish(action)
                 actions += self._step(self.core.published, refusal, self._clock())
+
+    def _read_history(self, requests: tuple[tuple[str, Position | None, bool], ...]) -> list[ChannelState]:
+        """Each channel's state after the given positions: from the Hub where it
+        holds what was missed (see :meth:`Hub.recent`), else from Redis, in one read.
+
+        Raises:
+            RedisUnavailable: Redis could not be reached.
+        """
+        states: list[ChannelState | None] = [
+            None if since is None else self.hub.recent(channel, since) for channel, since, _ in requests
+        ]
+        missing = [i for i, state in enumerate(states) if state is None]
+        if missing:
+            for i, state in zip(missing, self.store.fetch([requests[i] for i in missing]), strict=True):
+                states[i] = state
+        return states  # type: ignore[return-value]
 
     def _publish(self, action: Publish) -> str | None:
         limits = self.ticket.limits

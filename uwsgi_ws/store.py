@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,14 @@ from .exceptions import InvalidArgument, PublishError, RedisUnavailable
 from .protocol import MAX_OFFSET, Envelope, Position, decode_envelope, log_key, meta_key
 
 logger = logging.getLogger(__name__)
+
+# History reads sent in one pipeline (a batch of more goes in several).
+_READS_PER_PIPELINE = 1000
+# A read asked for within _STORM seconds of the last one waits _GATHER seconds for
+# others to join it: during a reconnection storm, connections that come back from
+# the same position on a channel then share its read. A lone read does not wait.
+_STORM = 0.05
+_GATHER = 0.005
 
 # KEYS: meta hash, history stream, pub/sub channel.
 # ARGV: sender, kind, payload, history size, ttl in ms, publish command, history
@@ -126,8 +136,10 @@ return {allowed, string.format('%.6f', wait)}
 # published meanwhile is either in the answer or arrives later over pub/sub.
 # History is returned only when it can help: in the client's epoch, and still
 # holding the first message the client missed (otherwise nothing can be recovered,
-# and sending the whole history to the worker would cost it for nothing). The offset
-# is returned as Redis stores it, a string: Lua numbers are doubles.
+# and sending the whole history to the worker would cost it for nothing); or, when
+# the channel started a new epoch since (Redis lost its state), everything kept of
+# the new one, which the client has never seen. The offset is returned as Redis
+# stores it, a string: Lua numbers are doubles.
 FETCH_LUA = """
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'offset')
 if not meta[1] then
@@ -141,6 +153,8 @@ elseif ARGV[1] == 'after' and (ARGV[3] == '' or ARGV[3] == meta[1]) then
   if #entries > 0 and entries[1][1] ~= ARGV[2] then
     entries = {}
   end
+elseif ARGV[1] == 'after' then
+  entries = redis.call('XRANGE', KEYS[2], '-', '+')
 end
 local out = {}
 for i, entry in ipairs(entries) do
@@ -238,6 +252,11 @@ class Store:
     def __init__(self, client: redis.Redis, *, publish_command: str = "PUBLISH") -> None:
         self.client = client
         self.publish_command = publish_command
+        # History reads: the batch being gathered, and whether one is on its way.
+        self._reads_lock = threading.Lock()
+        self._next_batch: _ReadBatch | None = None
+        self._reading = False
+        self._last_read = -1.0
 
     def publish(
         self,
@@ -332,9 +351,74 @@ class Store:
         kept message is read. With a position, the history after it is returned only
         if it can recover it (see FETCH_LUA), so the cost is at most the kept history.
 
+        Calls made while another one's read is on its way to Redis wait for it and
+        are then read together, each distinct request once: 5,000 connections
+        coming back at once from the same position on the broadcast channel cost
+        one read of it, not 5,000. A read is never shared with a call that came
+        after it was sent (that caller may have missed what was published between
+        the read and its own subscription).
+
         Raises:
             RedisUnavailable: Redis could not be reached or refused the read.
         """
+        if not requests:
+            return []
+        keys = [(channel, since, bool(latest)) for channel, since, latest in requests]
+        now = time.monotonic()
+        with self._reads_lock:
+            batch = self._next_batch
+            if batch is None:
+                batch = self._next_batch = _ReadBatch()
+            for key in keys:
+                batch.keys.setdefault(key, None)
+            lead = not self._reading
+            if lead:
+                self._reading = True
+        if lead:
+            if now - self._last_read < _STORM:
+                # Connections are coming back in numbers (a worker restarted, Redis
+                # failed over): give the others a moment to join this read.
+                time.sleep(_GATHER)
+            self._read_batches()
+        else:
+            batch.done.wait()
+        if batch.error is not None:
+            raise RedisUnavailable(
+                f"could not read {len(keys)} channel(s): Redis error {type(batch.error).__name__}"
+            ) from batch.error
+        return [batch.results[key] for key in keys]
+
+    def _read_batches(self) -> None:
+        """Read the waiting batches one after another, until none is left."""
+        while True:
+            with self._reads_lock:
+                batch = self._next_batch
+                self._next_batch = None
+                if batch is None:
+                    self._reading = False
+                    self._last_read = time.monotonic()
+                    return
+            try:
+                keys = list(batch.keys)
+                states: list[ChannelState] = []
+                for start in range(0, len(keys), _READS_PER_PIPELINE):
+                    states += self._read(keys[start : start + _READS_PER_PIPELINE])
+                batch.results = dict(zip(keys, states, strict=True))
+            except (RedisError, RedisClusterException) as exc:
+                batch.error = exc
+            except BaseException as exc:
+                # The reader itself is being stopped: nobody is left to read the
+                # batches waiting, so they fail with it.
+                with self._reads_lock:
+                    waiting, self._next_batch, self._reading = self._next_batch, None, False
+                for failed in (batch, waiting):
+                    if failed is not None:
+                        failed.error = exc
+                        failed.done.set()
+                raise
+            batch.done.set()
+
+    def _read(self, requests: Sequence[tuple[str, Position | None, bool]]) -> list[ChannelState]:
         calls = []
         for channel, since, latest in requests:
             if since is not None and 0 <= since.offset < MAX_OFFSET:
@@ -350,12 +434,7 @@ class Store:
             else:
                 args = ("none",)
             calls.append(((meta_key(channel), log_key(channel)), args))
-        try:
-            results = _FETCH.run_many(self.client, calls)
-        except (RedisError, RedisClusterException) as exc:
-            raise RedisUnavailable(
-                f"could not read {len(calls)} channel(s): Redis error {type(exc).__name__}"
-            ) from exc
+        results = _FETCH.run_many(self.client, calls)
         states = []
         for epoch, top, entries in results:
             history = []
@@ -366,6 +445,18 @@ class Store:
                     logger.warning("ignoring a malformed history entry")
             states.append(ChannelState(_text(epoch) if epoch else None, int(top or 0), tuple(history)))
         return states
+
+
+class _ReadBatch:
+    """History reads waiting to be sent together, and their outcome."""
+
+    __slots__ = ("keys", "results", "error", "done")
+
+    def __init__(self) -> None:
+        self.keys: dict[tuple[str, Position | None, bool], None] = {}
+        self.results: dict[tuple[str, Position | None, bool], ChannelState] = {}
+        self.error: BaseException | None = None
+        self.done = threading.Event()
 
 
 def _text(value: Any) -> str:

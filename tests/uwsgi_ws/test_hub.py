@@ -217,7 +217,10 @@ def test_a_gap_the_history_cannot_cover_is_reported(hub_setup):
     assert [m[2] for m in listener.messages] == [b"before"]  # nothing delivered out of a gap
 
 
-def test_a_history_read_that_fails_is_reported_to_the_listeners(hub_setup, private_redis):
+def test_a_history_read_that_fails_is_reported_to_the_listeners(hub_setup, private_redis, monkeypatch):
+    import uwsgi_ws.hub
+
+    monkeypatch.setattr(uwsgi_ws.hub, "_RESYNC_PAUSES", (0.2, 0.5))
     hub, store, gate, client = hub_setup
     listener = Listener()
     hub.subscribe(listener, [channel("e")], timeout=5)
@@ -241,3 +244,139 @@ def test_subscribe_times_out_when_redis_does_not_answer(private_redis, tmp_path)
         hub.subscribe(Listener(), [channel("f")], timeout=0.5)
     assert time.monotonic() - started < 2.5
     hub.stop()
+
+
+def test_after_redis_lost_a_channel_its_new_messages_are_delivered(hub_setup):
+    # Redis restarted empty while the Hub was away: what was published since, in the
+    # channel's new epoch, reaches the listeners; the old gap is reported lost.
+    hub, store, gate, client = hub_setup
+    listener = Listener()
+    hub.subscribe(listener, [channel("g")], timeout=5)
+    publish(store, channel("g"), "before")
+    wait_for(lambda: listener.messages, what="the first message")
+    gate.reconnect.clear()
+    gate.kill(client)
+    wait_for(lambda: gate.connects >= 2, what="the Hub trying to reconnect")
+    client.flushall()
+    for i in range(3):
+        publish(store, channel("g"), f"new {i}")
+    gate.reconnect.set()
+    wait_for(lambda: listener.resyncs, what="the resync")
+    [(_, recovered, position)] = listener.resyncs
+    assert recovered is False and position == Position(3, _epoch(store, channel("g")))
+    assert [m[2] for m in listener.messages] == [b"before", b"new 0", b"new 1", b"new 2"]
+
+
+def _hmget_calls(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0))
+
+
+def test_a_recent_position_is_recovered_from_the_hub_without_redis(hub_setup):
+    hub, store, gate, client = hub_setup
+    listeners = [Listener(), Listener()]
+    for listener in listeners:
+        hub.subscribe(listener, [channel("h")], timeout=5)
+    for i in range(3):
+        publish(store, channel("h"), f"m{i}")
+    wait_for(lambda: all(len(x.messages) == 3 for x in listeners), what="the messages")
+    epoch = _epoch(store, channel("h"))
+    client.config_resetstat()
+    state = hub.recent(channel("h"), Position(1, epoch))
+    assert state is not None and (state.epoch, state.top) == (epoch, 3)
+    assert [e.payload for e in state.history] == [b"m1", b"m2"]
+    caught_up = hub.recent(channel("h"), Position(3, epoch))
+    assert caught_up is not None and (caught_up.top, caught_up.history) == (3, ())
+    assert _hmget_calls(client) == 0
+    # What the Hub cannot know (another epoch) it reads, as the caller would have.
+    other = Position(1, "another")
+    assert hub.recent(channel("h"), other) == store.fetch([(channel("h"), other, False)])[0]
+    assert _hmget_calls(client) == 2
+    assert hub.recent(channel("h"), Position(0, "")) is None  # from the start: the caller reads
+
+
+def test_what_the_hub_cannot_answer_is_read_once_for_all_the_callers(hub_setup):
+    # A worker that just started: its Hub delivered nothing yet, and connections come
+    # back from a position some messages ago, all at once.
+    hub, store, gate, client = hub_setup
+    for i in range(4):
+        publish(store, channel("k"), f"m{i}")
+    epoch = _epoch(store, channel("k"))
+    listeners = [Listener() for _ in range(20)]
+    for listener in listeners:
+        hub.subscribe(listener, [channel("k")], timeout=5)
+    client.config_resetstat()
+    answers: list = []
+    start = threading.Barrier(20)
+
+    def come_back() -> None:
+        start.wait(5)
+        answers.append(hub.recent(channel("k"), Position(2, epoch)))
+
+    threads = [threading.Thread(target=come_back) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(answers) == 20
+    for answer in answers:
+        assert answer is not None and answer.top == 4
+        assert [e.payload for e in answer.history] == [b"m2", b"m3"]
+    assert _hmget_calls(client) == 1
+    # Live messages still reach every listener once.
+    publish(store, channel("k"), "live")
+    wait_for(lambda: all(x.messages == [(channel("k"), 5, b"live")] for x in listeners), what="the live message")
+
+
+def test_a_channel_that_went_back_after_a_lossy_failover_delivers_its_new_messages(hub_setup):
+    # A replica promoted before it had the last messages: the channel stands at an
+    # offset below what the Hub delivered, in the same epoch, and the next messages
+    # reuse those offsets. They must reach the listeners, not be taken for repeats.
+    from uwsgi_ws.protocol import log_key, meta_key
+
+    hub, store, gate, client = hub_setup
+    listener = Listener()
+    hub.subscribe(listener, [channel("l")], timeout=5)
+    for i in range(5):
+        publish(store, channel("l"), f"m{i}")
+    wait_for(lambda: len(listener.messages) == 5, what="the messages")
+    gate.reconnect.clear()
+    gate.kill(client)
+    wait_for(lambda: gate.connects >= 2, what="the Hub trying to reconnect")
+    # What the promoted replica had: the first three messages.
+    kept = client.xrange(log_key(channel("l")), "-", "3-0")
+    client.delete(log_key(channel("l")))
+    for entry_id, fields in kept:
+        client.xadd(log_key(channel("l")), fields, id=entry_id)
+    client.hset(meta_key(channel("l")), "offset", 3)
+    gate.reconnect.set()
+    wait_for(lambda: listener.resyncs, what="the resync")
+    epoch = _epoch(store, channel("l"))
+    assert listener.resyncs == [(channel("l"), False, Position(3, epoch))]
+    listener.where = Position(3, epoch)  # as a session does on resynced
+    assert publish(store, channel("l"), "new 4") == 4
+    wait_for(lambda: len(listener.messages) == 6, what="the new message at offset 4", timeout=5)
+    assert listener.messages[-1] == (channel("l"), 4, b"new 4")
+
+
+def test_a_history_read_failing_for_seconds_is_retried_until_it_works(hub_setup, private_redis):
+    # As during a Cluster failover: the channel's master is gone for a few seconds,
+    # then its replica answers. The listeners are recovered, not closed.
+    hub, store, gate, client = hub_setup
+    listener = Listener()
+    hub.subscribe(listener, [channel("m")], timeout=5)
+    publish(store, channel("m"), "before")
+    wait_for(lambda: listener.messages, what="the first message")
+    gate.reconnect.clear()
+    gate.kill(client)
+    wait_for(lambda: gate.connects >= 2, what="the Hub trying to reconnect")
+    publish(store, channel("m"), "missed")
+    reachable = store.client
+    store.client = redis.Redis(port=1, socket_connect_timeout=0.2)  # the reads fail
+    gate.reconnect.set()
+    # Longer than the reads used to be tried (1.7 s), then the replica answers.
+    wait_for(lambda: hub.resync_reads >= 5, what="five failed reads", timeout=10)
+    store.client = reachable  # the replica took over
+    wait_for(lambda: listener.resyncs, what="the resync", timeout=20)
+    assert listener.failed == []
+    assert [r[1] for r in listener.resyncs] == [True]
+    assert [m[2] for m in listener.messages] == [b"before", b"missed"]

@@ -296,10 +296,20 @@ def test_trimmed_history_is_not_recovered():
     assert decide_recovery(Position(1, "E"), "E", 6, _envs(4, 5, 6)).recovered is False
 
 
-def test_new_epoch_is_not_recovered():
-    outcome = decide_recovery(Position(3, "OLD"), "NEW", 6, _envs(1, 2, 3, 4, 5, 6, epoch="NEW"))
-    assert outcome.recovered is False and outcome.envelopes == ()
+def test_new_epoch_is_not_recovered_but_its_messages_are_delivered():
+    # Redis lost the channel: the old epoch's gap is gone, but everything published
+    # in the new epoch is still kept, and the client never saw any of it.
+    new = _envs(1, 2, 3, 4, 5, 6, epoch="NEW")
+    outcome = decide_recovery(Position(3, "OLD"), "NEW", 6, new)
+    assert outcome.recovered is False and outcome.envelopes == tuple(new)
     assert outcome.position == Position(6, "NEW")
+
+
+def test_new_epoch_with_a_gap_delivers_nothing():
+    for kept in (_envs(1, 2, 4, 5, 6, epoch="NEW"), _envs(1, 2, 3, epoch="NEW"), []):
+        outcome = decide_recovery(Position(3, "OLD"), "NEW", 6, kept)
+        assert outcome.recovered is False and outcome.envelopes == ()
+        assert outcome.position == Position(6, "NEW")
 
 
 def test_lost_channel_is_not_recovered():
