@@ -6,15 +6,15 @@ import json
 import signal
 import subprocess
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import django_ws
 from tests.conftest import WS, free_port, start_redis, start_stack, stop, wait_for
-from uwsgi_ws.config import Config
 from uwsgi_ws.exceptions import ConfigurationError
-from uwsgi_ws.redis_url import check_url, parse_cluster_url
+from uwsgi_ws.redis_url import check_publish_command, check_url, parse_cluster_url
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -28,8 +28,8 @@ def test_cluster_urls():
     for bad in ("redis+cluster://h", "redis+cluster://h:7000/3", "redis+cluster://:7000"):
         with pytest.raises(ConfigurationError):
             check_url(bad)
-    with pytest.raises(ConfigurationError, match="SPUBLISH"):
-        Config(secret=b"s", redis_url="redis+cluster://h:7000", publish_command="SPUBLISH")
+    # Sharded pub/sub on a Cluster: one subscriber connection per master in use.
+    assert check_publish_command("SPUBLISH", "redis+cluster://h:7000") == "SPUBLISH"
 
 
 def next_message(ws: WS) -> dict:
@@ -58,9 +58,12 @@ def cluster_port() -> int:
 
 
 class Cluster:
-    def __init__(self, tmp: Path, masters: int = 3) -> None:
+    """A loopback Cluster: ``masters`` masters with ``replicas`` replicas each; a
+    master is declared failed after ``node_timeout`` ms."""
+
+    def __init__(self, tmp: Path, masters: int = 3, *, replicas: int = 0, node_timeout: int = 15000) -> None:
         self.nodes = []
-        for i in range(masters):
+        for i in range(masters * (1 + replicas)):
             d = tmp / f"node{i}"
             d.mkdir()
             self.nodes.append(
@@ -73,11 +76,13 @@ class Cluster:
                     str(d / "nodes.conf"),
                     "--cluster-require-full-coverage",
                     "no",
+                    "--cluster-node-timeout",
+                    str(node_timeout),
                 )
             )
         addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
         subprocess.run(
-            [REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            [REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", str(replicas), "--cluster-yes"],
             check=True,
             capture_output=True,
             timeout=60,
@@ -101,6 +106,48 @@ class Cluster:
                     return int(fields[1].split("@")[0].rsplit(":", 1)[1])
         raise LookupError(key)
 
+    def table(self) -> list[dict]:
+        """CLUSTER NODES as seen by the first live node: id, port, role, master id, slots."""
+        live = next(n for n in self.nodes if n.proc.poll() is None)
+        rows = []
+        for line in self.cli(live.port, "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            rows.append(
+                {
+                    "id": fields[0],
+                    "port": int(fields[1].split("@")[0].rsplit(":", 1)[1]),
+                    "master": "master" in fields[2] and "fail" not in fields[2],
+                    "of": fields[3],
+                    "slots": fields[8:],
+                }
+            )
+        return rows
+
+    def node(self, port: int):  # type: ignore[no-untyped-def]
+        return next(n for n in self.nodes if n.port == port)
+
+    def migrate(self, slot: int, source: int, target: int, *, between: Callable[[], None] = lambda: None) -> None:
+        """Move ``slot`` and its keys from the master at port ``source`` to ``target``,
+        the way redis-cli --cluster reshard does; ``between`` runs once the slot is
+        migrating (its keys still on the source)."""
+        ids = {row["port"]: row["id"] for row in self.table()}
+        src, dst = self.node(source).client(), self.node(target).client()
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+        between()
+        while True:
+            keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+            if not keys:
+                break
+            src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+        for node in (dst, src):
+            node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+        for row in self.table():
+            if row["master"] and row["port"] not in (source, target):
+                self.node(row["port"]).client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+        src.close()
+        dst.close()
+
     def stop(self) -> None:
         for node in self.nodes:
             stop(node.proc, signal.SIGTERM)
@@ -114,13 +161,21 @@ def cluster(tmp_path):
 
 
 @pytest.fixture
-def on_cluster(cluster, project, tmp_path, monkeypatch):
+def publish_command() -> str:
+    return "PUBLISH"
+
+
+@pytest.fixture
+def on_cluster(cluster, project, tmp_path, monkeypatch, publish_command):
     """An offload stack, and this process's publish(), on the cluster."""
     import django_ws.conf
 
     monkeypatch.setenv("DJANGO_WS_REDIS_URL", cluster.url)
+    monkeypatch.setenv("DJANGO_WS_PUBLISH_COMMAND", publish_command)
     monkeypatch.setattr(django_ws.conf, "_cached", None)  # re-read; the old settings come back after
-    stack = start_stack("offload", project, tmp_path, DJANGO_WS_REDIS_URL=cluster.url)
+    stack = start_stack(
+        "offload", project, tmp_path, DJANGO_WS_REDIS_URL=cluster.url, DJANGO_WS_PUBLISH_COMMAND=publish_command
+    )
     yield stack
     for proc in stack.procs:
         stop(proc)
@@ -133,7 +188,8 @@ def _channel(facility: str, audience) -> str:
     return channel_name(get_settings().prefix, facility, audience)
 
 
-def test_every_audience_history_and_recovery_on_a_cluster(cluster, on_cluster, project, facility):
+@pytest.mark.parametrize("publish_command", ["PUBLISH", "SPUBLISH"])
+def test_every_audience_history_and_recovery_on_a_cluster(cluster, on_cluster, project, facility, publish_command):
     from uwsgi_ws.protocol import Audience, Kind
 
     stack = on_cluster
@@ -153,6 +209,11 @@ def test_every_audience_history_and_recovery_on_a_cluster(cluster, on_cluster, p
     django_ws.publish(facility, "to alice", users=["alice"])
     django_ws.publish(facility, "to red", groups=["red"])
     got = [ws.next() for _ in range(3)]
+    if publish_command == "SPUBLISH":
+        # Sharded: the worker listens on each master owning one of the channels.
+        owners = {cluster.owner(_channel(facility, a)) for a in audiences}
+        hubs = {n.port for n in cluster.nodes if "django_ws:hub:" in cluster.cli(n.port, "CLIENT", "LIST")}
+        assert hubs == owners
     # Order holds within a channel; across channels on different masters it depends on
     # the cluster bus, which forwards each master's publications to the Hub's node.
     assert sorted((m["channel"], m["data"]) for m in got) == [

@@ -29,7 +29,7 @@ from typing import Any
 from .config import Config, check_socket_directory, unix_socket_path
 from .control import Controller
 from .exceptions import BadRequest, ConfigurationError, RedisUnavailable, TicketError
-from .hub import Hub, connection_factory
+from .hub import Hub, make_hub
 from .protocol import SSE_HEADERS, Ticket, check_handshake, nonce_key, verify_ticket
 from .redis_url import make_client
 from .session import EventStreamSession, Session
@@ -93,9 +93,7 @@ class WebSocketApplication:
             )
             sub = "SSUBSCRIBE" if config.publish_command == "SPUBLISH" else "SUBSCRIBE"
             self._store = Store(client, publish_command=config.publish_command)
-            self._hub = Hub(
-                connection_factory(config.redis_url, ping_interval=10.0), store=self._store, subscribe_command=sub
-            )
+            self._hub = make_hub(config.redis_url, subscribe_command=sub, store=self._store, ping_interval=10.0)
             self._hub.start()
         return self._hub, self._store
 
