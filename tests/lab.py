@@ -239,10 +239,12 @@ class Lab:
         rows = []
         for line in text.splitlines():
             fields = line.split()
+            address = fields[1].split("@")[0].rsplit(":", 1)[0]
             rows.append(
                 {
                     "id": fields[0],
-                    "address": fields[1].split("@")[0].rsplit(":", 1)[0],
+                    "address": address,
+                    "node": address,
                     "master": "master" in fields[2] and "fail" not in fields[2],
                     "of": fields[3],
                     "slots": fields[8:],
@@ -279,6 +281,12 @@ class Lab:
             lines = self.cli(master, "CLIENT", "LIST").splitlines()
             counts[master] = sum(1 for x in lines if f" addr={address}:" in x and " name=django_ws:hub:" in x)
         return counts
+
+    def migrate(self, slot: int, source: str, target: str, *, between: Callable[[], None] = lambda: None) -> None:
+        """Move ``slot`` and its keys from the master at ``source`` to ``target`` (addresses)."""
+        from tests.test_cluster import migrate_slot
+
+        migrate_slot(self.cli, self.table(), slot, source, target, (target, REDIS_PORT), between=between)
 
     def redis_host(self, address: str) -> str:
         return next(name for name, a in REDIS_HOSTS.items() if a == address)

@@ -8,6 +8,7 @@ import subprocess
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,10 +113,12 @@ class Cluster:
         rows = []
         for line in self.cli(live.port, "CLUSTER", "NODES").splitlines():
             fields = line.split()
+            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
             rows.append(
                 {
                     "id": fields[0],
-                    "port": int(fields[1].split("@")[0].rsplit(":", 1)[1]),
+                    "port": port,
+                    "node": port,
                     "master": "master" in fields[2] and "fail" not in fields[2],
                     "of": fields[3],
                     "slots": fields[8:],
@@ -127,30 +130,48 @@ class Cluster:
         return next(n for n in self.nodes if n.port == port)
 
     def migrate(self, slot: int, source: int, target: int, *, between: Callable[[], None] = lambda: None) -> None:
-        """Move ``slot`` and its keys from the master at port ``source`` to ``target``,
-        the way redis-cli --cluster reshard does; ``between`` runs once the slot is
-        migrating (its keys still on the source)."""
-        ids = {row["port"]: row["id"] for row in self.table()}
-        src, dst = self.node(source).client(), self.node(target).client()
-        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
-        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
-        between()
-        while True:
-            keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
-            if not keys:
-                break
-            src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
-        for node in (dst, src):
-            node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
-        for row in self.table():
-            if row["master"] and row["port"] not in (source, target):
-                self.node(row["port"]).client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
-        src.close()
-        dst.close()
+        """Move ``slot`` and its keys from the master at port ``source`` to ``target``."""
+        migrate_slot(self.cli, self.table(), slot, source, target, ("127.0.0.1", target), between=between)
 
     def stop(self) -> None:
         for node in self.nodes:
             stop(node.proc, signal.SIGTERM)
+
+
+def migrate_slot(
+    cli: Callable[..., str],
+    table: list[dict],
+    slot: int,
+    source: Any,
+    destination: Any,
+    to: tuple[str, int],
+    *,
+    between: Callable[[], None] = lambda: None,
+) -> None:
+    """Move ``slot`` and its keys from master ``source`` to master ``destination``
+    (reached at ``to``, host and port) the way ``redis-cli --cluster reshard`` does.
+
+    ``cli(node, *args)`` runs redis-cli against a node as ``table`` names it (rows
+    with "node", "id" and "master"); ``between`` runs once the slot is migrating,
+    its keys still on the source.
+    """
+    ids = {row["node"]: row["id"] for row in table}
+
+    def ok(node: Any, *args: Any) -> None:
+        out = cli(node, *map(str, args)).strip()
+        if out != "OK":
+            raise RuntimeError(f"{' '.join(map(str, args[:3]))} on {node}: {out!r}")
+
+    ok(destination, "CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+    ok(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", ids[destination])
+    between()
+    while keys := cli(source, "CLUSTER", "GETKEYSINSLOT", str(slot), "100").split():
+        ok(source, "MIGRATE", to[0], to[1], "", 0, 5000, "KEYS", *keys)
+    for node in (destination, source):
+        ok(node, "CLUSTER", "SETSLOT", slot, "NODE", ids[destination])
+    for row in table:
+        if row["master"] and row["node"] not in (source, destination):
+            ok(row["node"], "CLUSTER", "SETSLOT", slot, "NODE", ids[destination])
 
 
 @pytest.fixture

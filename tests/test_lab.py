@@ -230,3 +230,31 @@ def test_a_master_killed_its_replica_promoted_clients_recover(lab, facility):
         assert reader.offsets == list(range(1, 61)) and reader.data == texts
         assert reader.moved_to == []  # the websocket hosts followed; the clients noticed nothing
     assert lab.owner(_channel(facility, Audience(Kind.BROADCAST))) == replica
+
+
+def test_a_slot_migrated_under_load_across_hosts_loses_nothing(lab, facility, ws_settings):
+    from redis.crc import key_slot
+
+    ws_settings(HISTORY_SIZE=1000)
+    name = _channel(facility, Audience(Kind.BROADCAST))
+    source = lab.owner(name)
+    target = next(m for m in lab.masters() if m != source)
+    readers = [Reader(lab, facility, "ws1", "ws2", 200, timeout=10), Reader(lab, facility, "ws2", "ws1", 200, timeout=10)]
+    for reader in readers:
+        reader.start()
+    texts = [f"m{i}" for i in range(200)]
+    migration = threading.Timer(0.5, lab.migrate, args=(key_slot(name.encode()), source, target))
+    migration.start()
+    try:
+        assert publish_all(lab, facility, texts[:150]) == list(range(1, 151))
+    finally:
+        migration.join(30)
+    assert lab.owner(name) == target
+    # Both hosts now listen on the new owner of the slot (and the stream goes on).
+    wait_for(lambda: [lab.hub_connections(host)[target] for host in ("ws1", "ws2")] == [1, 1], what="the move")
+    assert publish_all(lab, facility, texts[150:]) == list(range(151, 201))
+    for reader in readers:
+        reader.join(30)
+        assert reader.error is None and not reader.is_alive()
+        assert reader.offsets == list(range(1, 201)) and reader.data == texts
+        assert reader.moved_to == []  # the websocket hosts followed the slot
