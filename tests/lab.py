@@ -27,6 +27,7 @@ import concurrent.futures
 import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -325,20 +326,39 @@ def remove_stale() -> None:
                 subprocess.run([IP, "netns", "del", name], capture_output=True, timeout=20)
 
 
-def main() -> int:
-    """Build the bed by hand: ``scripts/cluster-lab.sh``."""
+def main(argv: list[str]) -> int:
+    """Build the bed by hand (``scripts/cluster-lab.sh``); ``clean`` removes stale beds."""
+    import secrets
     import tempfile
+
+    from tests.conftest import EXAMPLE, Project
 
     reason = available()
     if reason:
         print(f"cannot build the bed: {reason}", file=sys.stderr)
         return 1
+    if argv[:1] == ["clean"]:
+        remove_stale()
+        return 0
+    # SIGTERM tears down as Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     tmp = Path(tempfile.mkdtemp(prefix="dwslab-"))
     with Lab(tmp) as lab:
         lab.start_cluster()
-        print(f"Redis Cluster: {lab.cluster_url}")
+        env = {
+            "DJANGO_SETTINGS_MODULE": "chat.settings",
+            "EXAMPLE_DB": str(tmp / "db.sqlite3"),
+            "DJANGO_WS_SECRET": secrets.token_hex(32),
+            "DJANGO_WS_PUBLISH_COMMAND": "SPUBLISH",
+        }
+        migrate = [sys.executable, "manage.py", "migrate", "--verbosity", "0"]
+        subprocess.run(migrate, cwd=EXAMPLE, env={**os.environ, **env}, check=True, timeout=120)
+        lab.start_websocket_hosts(Project(env=env), DJANGO_WS_PUBLISH_COMMAND="SPUBLISH")
+        print(f"Redis Cluster (sharded pub/sub): {lab.cluster_url}")
         for name, host in lab.hosts.items():
             print(f"  {name:7} {host.address:12} ip netns exec {host.namespace} <command>")
+        for name, stack in lab.stacks.items():
+            print(f"  the example chat on {name}: {stack.http('/')} (from the client host); log {stack.log}")
         print("Ctrl-C tears everything down.")
         try:
             while True:
@@ -349,4 +369,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
