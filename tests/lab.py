@@ -294,11 +294,12 @@ class Lab:
 
     # ----------------------------------------------------------------- websocket hosts
 
-    def start_websocket_hosts(self, project: Any, **extra: str) -> None:
-        """On ws1 and ws2: a front and a websocket instance each, on the Cluster."""
+    def start_websocket_hosts(self, project: Any, *, tag: str = "", **extra: str) -> None:
+        """On ws1 and ws2: a front and a websocket instance each, on the Cluster
+        (their files under ``<tmp>/<host><tag>``)."""
         for name, address in WEBSOCKET_HOSTS.items():
             host = self.hosts[name]
-            d = self.tmp / name
+            d = self.tmp / f"{name}{tag}"
             d.mkdir()
             self.stacks[name] = start_stack(
                 "offload",
@@ -313,6 +314,13 @@ class Lab:
                 **extra,
             )
             host.procs.extend(self.stacks[name].procs)
+
+    def stop_websocket_hosts(self) -> None:
+        for name, stack in self.stacks.items():
+            for proc in stack.procs:
+                stop(proc)
+                self.hosts[name].procs.remove(proc)
+        self.stacks.clear()
 
 
 def remove_stale() -> None:
