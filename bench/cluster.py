@@ -38,9 +38,7 @@ def cpu(lab: Lab) -> dict[str, float]:
     """Seconds of CPU (user + system) each Redis node has used so far."""
     out = {}
     for address in REDIS_HOSTS.values():
-        fields = dict(
-            line.split(":", 1) for line in lab.cli(address, "INFO", "cpu").splitlines() if ":" in line
-        )
+        fields = dict(line.split(":", 1) for line in lab.cli(address, "INFO", "cpu").splitlines() if ":" in line)
         out[address] = float(fields["used_cpu_user"]) + float(fields["used_cpu_sys"])
     return out
 

@@ -261,7 +261,10 @@ class Lab:
 
     def owner(self, key: str) -> str:
         """The address of the master owning ``key``'s slot."""
-        slot = int(self.cli(REDIS_HOSTS["r1"], "CLUSTER", "KEYSLOT", key) or self.cli(REDIS_HOSTS["r2"], "CLUSTER", "KEYSLOT", key))
+        slot = int(
+            self.cli(REDIS_HOSTS["r1"], "CLUSTER", "KEYSLOT", key)
+            or self.cli(REDIS_HOSTS["r2"], "CLUSTER", "KEYSLOT", key)
+        )
         for row in self.table():
             if not row["master"]:
                 continue

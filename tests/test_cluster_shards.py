@@ -102,7 +102,7 @@ def channels_on(cluster: Cluster, count: int, *, per_master: int = 1) -> dict[in
     found: dict[int, list[str]] = {}
     tag = uuid.uuid4().hex[:6]
     for i in range(2000):
-        name = "{t:f%s%d:broadcast}" % (tag, i)
+        name = "{" + f"t:f{tag}{i}:broadcast" + "}"
         owner = cluster.owner(name)
         if len(found.get(owner, [])) < per_master and (owner in found or len(found) < count):
             found.setdefault(owner, []).append(name)

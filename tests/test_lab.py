@@ -239,7 +239,10 @@ def test_a_slot_migrated_under_load_across_hosts_loses_nothing(lab, facility, ws
     name = _channel(facility, Audience(Kind.BROADCAST))
     source = lab.owner(name)
     target = next(m for m in lab.masters() if m != source)
-    readers = [Reader(lab, facility, "ws1", "ws2", 200, timeout=10), Reader(lab, facility, "ws2", "ws1", 200, timeout=10)]
+    readers = [
+        Reader(lab, facility, "ws1", "ws2", 200, timeout=10),
+        Reader(lab, facility, "ws2", "ws1", 200, timeout=10),
+    ]
     for reader in readers:
         reader.start()
     texts = [f"m{i}" for i in range(200)]

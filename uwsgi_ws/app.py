@@ -33,6 +33,7 @@ from .hub import Hub, make_hub
 from .protocol import SSE_HEADERS, Ticket, check_handshake, nonce_key, verify_ticket
 from .redis_url import make_client
 from .session import EventStreamSession, Session
+from .shards import ShardedHub
 from .store import Store
 from .transport import GeventSocketTransport, Transport
 
@@ -67,7 +68,7 @@ class WebSocketApplication:
 
     def __init__(self, config: Config | None = None) -> None:
         self._config = config
-        self._hub: Hub | None = None
+        self._hub: Hub | ShardedHub | None = None
         self._store: Store | None = None
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
         self._controllers: dict[str, Controller] = {}
@@ -78,7 +79,7 @@ class WebSocketApplication:
             self._config = Config.from_env()
         return self._config
 
-    def _runtime(self) -> tuple[Hub, Store]:
+    def _runtime(self) -> tuple[Hub | ShardedHub, Store]:
         # Built on first use, so inside the worker process after uWSGI forked it.
         if self._hub is None or self._store is None:
             config = self.config

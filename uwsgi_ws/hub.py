@@ -25,6 +25,11 @@ under ``_lock``, which is never held across I/O. The decision "send a SUBSCRIBE 
 or leave it to the reader" is taken under ``_lock``, in step with the reader's
 snapshot of the channels after a reconnection, so no subscription falls between
 the two.
+
+With sharded pub/sub on a Redis Cluster one Hub serves one master, and a
+:class:`~uwsgi_ws.shards.ShardedHub` routes channels to them; the Hub sends its
+sharded (un)subscriptions one slot per command, subscribes again when a node drops a
+channel whose slot moved, and reports the MOVED answer so the channel can follow.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from .exceptions import RedisUnavailable, SubscribeTimeout
 from .protocol import Envelope, Position, channel_label, client_frame, decide_recovery, decode_envelope
 
 if TYPE_CHECKING:
+    from .shards import ShardedHub
     from .store import ChannelState, Store
 
 logger = logging.getLogger(__name__)
@@ -55,7 +61,7 @@ logger = logging.getLogger(__name__)
 _CHUNK = 256  # channels per SUBSCRIBE command, and per history read after a reconnection
 _RESYNC_PAUSES = (0.2, 0.5, 1.0)  # seconds after each failed pipelined history read
 
-__all__ = ["Hub", "Listener", "SubscribeTimeout", "connection_factory", "make_hub", "parse_moved"]
+__all__ = ["Hub", "Listener", "Subscriptions", "SubscribeTimeout", "connection_factory", "make_hub", "parse_moved"]
 
 
 class Listener(Protocol):
@@ -74,6 +80,17 @@ class Listener(Protocol):
     def position(self, channel: str) -> Position | None:
         """Where the listener stands in ``channel`` (None: still reading it)."""
 
+
+
+class Subscriptions(Protocol):
+    """What a websocket session needs of the worker's :class:`Hub` (or
+    :class:`~uwsgi_ws.shards.ShardedHub`, which has the same interface)."""
+
+    def subscribe(self, listener: Listener, channels: Iterable[str], *, timeout: float = 10.0) -> None:
+        """Register ``listener`` for ``channels`` once Redis confirms them."""
+
+    def unsubscribe(self, listener: Listener, channels: Iterable[str]) -> None:
+        """Unregister ``listener`` from ``channels``."""
 
 
 class _Channel:
@@ -444,7 +461,9 @@ class Hub:
             for name in names:
                 self._inflight.pop(name, None)
         if self._on_moved is None:
-            logger.warning("Redis moved slot %d (%d channel(s)) to %s:%d; nothing follows it", slot, len(names), host, port)
+            logger.warning(
+                "Redis moved slot %d (%d channel(s)) to %s:%d; nothing follows it", slot, len(names), host, port
+            )
             return
         if names:
             self._on_moved(names, (host, port))
@@ -666,7 +685,9 @@ def connection_factory(url: str, *, ping_interval: float) -> Callable[[], Connec
     return subscriber_factory(url, **_subscriber_options(ping_interval))
 
 
-def make_hub(url: str, *, subscribe_command: str, store: Store | None, ping_interval: float = 10.0) -> Any:
+def make_hub(
+    url: str, *, subscribe_command: str, store: Store | None, ping_interval: float = 10.0
+) -> Hub | ShardedHub:
     """Return the Hub for ``url``: one subscriber connection, or with sharded pub/sub
     on a Cluster a :class:`~uwsgi_ws.shards.ShardedHub` (one per master in use)."""
     from .redis_url import is_cluster, node_factory, parse_cluster_url
