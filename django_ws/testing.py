@@ -96,7 +96,7 @@ class WebSocketTestClient:
             import websocket
         except ImportError:  # pragma: no cover - depends on the environment
             raise ImportError(
-                "WebSocketTestClient needs websocket-client: pip install 'django-uwsgi-ws[test]'"
+                "WebSocketTestClient needs websocket-client: pip install 'django-uwsgi-ws[django]'"
             ) from None
         from django.conf import settings
 

@@ -26,6 +26,7 @@ done
 if [ "${SKIP_BROWSER:-0}" != 1 ]; then
   [ -x /usr/bin/chromium ] || missing+=(chromium)
   command -v node >/dev/null || missing+=(nodejs)
+  command -v npm >/dev/null || missing+=(npm)  # npm ci: the browser client's minifier
   [ -x /usr/sbin/nginx ] || missing+=(nginx-light)  # the README's nginx configuration is tested
 fi
 if ((${#missing[@]})); then
@@ -61,6 +62,13 @@ if ! uwsgi_ok; then
   "$PY" -m pip install -q --force-reinstall --no-binary uwsgi --no-cache-dir "uwsgi==$UWSGI_VERSION" 2>&1 \
     | grep -v '^WARNING: Location' || true
   uwsgi_ok || { echo "uWSGI was built without SSL or PCRE routing: check libssl-dev and libpcre2-dev" >&2; exit 1; }
+fi
+
+# The browser client's build tools (the minifier), pinned by client/package-lock.json:
+# the builds of django_ws.mjs are committed, and the tests check that they are fresh.
+if [ "${SKIP_BROWSER:-0}" != 1 ] && command -v npm >/dev/null; then
+  say "installing the browser client's build tools (npm ci in client/)"
+  (cd client && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
 say "installing the project with extras [$EXTRAS]"

@@ -290,6 +290,8 @@ def start_stack(
     project: Project,
     tmp: Path,
     *,
+    root: Path = ROOT,
+    bin_dir: Path = BIN,
     host: str = "127.0.0.1",
     port: int | None = None,
     wrap: list[str] | None = None,
@@ -301,7 +303,9 @@ def start_stack(
 
     The offload stack's websocket instance listens on a unix socket in a private
     directory under ``tmp``, as the ini's default does; ``DJANGO_WS_OFFLOAD_TO`` in
-    ``extra`` puts it elsewhere (``127.0.0.1:<port>`` for TCP). On another host (see
+    ``extra`` puts it elsewhere (``127.0.0.1:<port>`` for TCP). ``root`` (the directory
+    of the ini and of ``example/``) and ``bin_dir`` (the virtualenv's bin, with python
+    and uwsgi) default to this checkout and its virtualenv. On another host (see
     tests/lab.py) the command runs under ``wrap``, the front listens on ``host``,
     and ``reachable(port)`` tells when it answers.
     """
@@ -309,7 +313,7 @@ def start_stack(
     env = {
         **os.environ,
         **project.env,
-        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
         "DJANGO_WS_HTTP": f"{host}:{port}",
         "DJANGO_WS_PROCESSES": "1",
         "DJANGO_WS_THREADS": "1",
@@ -331,13 +335,14 @@ def start_stack(
             ws_port = int(address.rsplit(":", 1)[1])
     log = tmp / f"server-{mode}.log"
     if mode == "runserver":
-        command = [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"]
-        cwd = EXAMPLE
+        python = sys.executable if bin_dir == BIN else str(bin_dir / "python")
+        command = [python, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"]
+        cwd = root / "example"
     else:
         # The listen queue (1024) and everything else come from the ini, as documented.
         section = "uwsgi.ini.example" if mode == "offload" else "uwsgi.ini.example:single"
-        command = [str(UWSGI), "--ini", section]
-        cwd = ROOT
+        command = [str(bin_dir / "uwsgi"), "--ini", section]
+        cwd = root
     proc = subprocess.Popen(
         [*(wrap or []), *command],
         cwd=cwd,

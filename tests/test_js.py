@@ -1,7 +1,9 @@
-"""The browser client (django_ws/static/django_ws/django_ws.js).
+"""The browser client (django_ws/static/django_ws/django_ws.mjs and its builds).
 
-Its unit tests live in tests/js and run with Node's own test runner; the tests here
-run them, then check the client against the server's protocol module: the URLs it
+Its unit tests live in client/test (the npm package's tests) and run with Node's own
+test runner; the tests here check that the committed classic and minified builds are
+those of the module, run the unit tests, pack the npm package and run its tests from
+the tarball, then check the client against the server's protocol module: the URLs it
 builds parse with ``parse_query``, and the frames ``client_frame`` builds decode.
 """
 
@@ -11,6 +13,7 @@ import base64
 import json
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -27,12 +30,25 @@ from uwsgi_ws.protocol import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-CLIENT = ROOT / "django_ws" / "static" / "django_ws" / "django_ws.mjs"
+STATIC = ROOT / "django_ws" / "static" / "django_ws"
+CLIENT = STATIC / "django_ws.mjs"
+PACKAGE = ROOT / "client"
 NODE = shutil.which("node")
+NPM = shutil.which("npm")
 
 pytestmark = pytest.mark.skipif(
-    NODE is None, reason="node is not on PATH: the browser client's tests (tests/js) need Node.js 20 or later"
+    NODE is None, reason="node is not on PATH: the browser client's tests (client/test) need Node.js 20 or later"
 )
+needs_build_tools = pytest.mark.skipif(
+    NPM is None or not (PACKAGE / "node_modules" / "terser").is_dir(),
+    reason="the client's build tools are not installed: scripts/bootstrap.sh runs npm ci in client/",
+)
+
+
+def run(command: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-20000:]}\n{result.stderr[-5000:]}"
+    return result
 
 
 def node(script: str, *args: str) -> str:
@@ -49,15 +65,81 @@ def node(script: str, *args: str) -> str:
     return result.stdout
 
 
-def test_node_unit_tests() -> None:
-    result = subprocess.run(
-        [NODE, "--test", "tests/js/"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+@needs_build_tools
+def test_committed_builds_are_those_of_the_module() -> None:
+    """django_ws.js and django_ws.min.js are built from django_ws.mjs, byte for byte."""
+    result = run([NODE, "client/build.mjs", "--check"], ROOT)
+    sizes = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    assert set(sizes) == {"django_ws.mjs", "django_ws.js", "django_ws.min.js"}
+
+
+@needs_build_tools
+def test_the_type_declarations_compile_and_refuse_wrong_use() -> None:
+    """tsc --strict on client/typecheck/usage.ts: right uses compile, each @ts-expect-error is one."""
+    run(
+        [
+            str(PACKAGE / "node_modules" / ".bin" / "tsc"),
+            "--noEmit",
+            "--strict",
+            "--lib",
+            "es2020,dom",
+            "--target",
+            "es2020",
+            "--module",
+            "es2020",
+            "--moduleResolution",
+            "bundler",
+            "typecheck/usage.ts",
+        ],
+        PACKAGE,
     )
-    assert result.returncode == 0, f"node --test tests/js/ failed:\n{result.stdout[-20000:]}\n{result.stderr[-5000:]}"
+
+
+@needs_build_tools
+def test_node_unit_tests() -> None:
+    run([NODE, "client/build.mjs", "--check"], ROOT)  # fills client/dist, which the tests import
+    run([NODE, "--test", "client/test/"], ROOT)
+
+
+@needs_build_tools
+def test_npm_pack_makes_an_installable_package_whose_tests_pass(tmp_path: Path) -> None:
+    assert NPM is not None
+    result = run([NPM, "pack", "--pack-destination", str(tmp_path)], PACKAGE)
+    [tarball] = tmp_path.glob("django-uwsgi-ws-*.tgz")
+    assert tarball.name in result.stdout
+    with tarfile.open(tarball) as tar:
+        names = sorted(tar.getnames())
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    expected = {
+        f"package/dist/{name}" for name in ("django_ws.mjs", "django_ws.js", "django_ws.min.js", "django_ws.d.ts")
+    }
+    assert expected <= set(names)
+    assert "package/package.json" in names
+    assert not [n for n in names if "node_modules" in n or n.endswith("build.mjs")]
+    for name in ("django_ws.mjs", "django_ws.js", "django_ws.min.js", "django_ws.d.ts"):
+        assert (tmp_path / "unpacked/package/dist" / name).read_bytes() == (STATIC / name).read_bytes(), name
+
+    # Its own tests, from the tarball's files alone.
+    run([NODE, "--test", "test/"], tmp_path / "unpacked" / "package")
+
+    # Installed in a project (offline: the package has no dependencies), both ways in.
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "package.json").write_text('{"name": "app", "version": "1.0.0", "private": true}')
+    run([NPM, "install", "--offline", "--no-audit", "--no-fund", str(tarball)], app)
+    out = run(
+        [
+            NODE,
+            "--input-type=module",
+            "-e",
+            "import { connect, CLOSE_CODES } from 'django-uwsgi-ws';"
+            "import { createRequire } from 'node:module';"
+            "const cjs = createRequire(process.cwd() + '/x.js')('django-uwsgi-ws');"
+            "console.log(typeof connect, CLOSE_CODES.SERVICE_RESTART, typeof cjs.connect);",
+        ],
+        app,
+    ).stdout
+    assert out.split() == ["function", "1012", "function"]
 
 
 def test_urls_parse_with_the_server_query_parser() -> None:
@@ -154,3 +236,9 @@ console.log(JSON.stringify(out));
     binary = decoded[2]
     assert base64.b64decode(binary.pop("data")) == bytes(range(256)) * 300
     assert binary == {"type": "message", "channel": "group:staff", "offset": 3, "epoch": "e3", "binary": True}
+
+
+def test_the_npm_package_has_the_python_package_version() -> None:
+    import uwsgi_ws
+
+    assert json.loads((PACKAGE / "package.json").read_text())["version"] == uwsgi_ws.__version__

@@ -237,10 +237,12 @@ def test_keepalive_heartbeats_keep_an_idle_stream_alive(project, tmp_path, mode)
 
     stack = start_stack(mode, project, tmp_path, DJANGO_WS_HEARTBEAT="0.3")
     try:
-        # A 1-second read timeout stands for a proxy's idle timeout: without the
-        # heartbeat events, the idle stream below would be cut.
-        es = EventStream(stack, "/ws/keepalive?subscribe-broadcast", timeout=1.0)
+        es = EventStream(stack, "/ws/keepalive?subscribe-broadcast")
         es.until("ready")
+        # From now on a 1-second read timeout stands for a proxy's idle timeout:
+        # without the heartbeat events, the idle stream below would be cut. (Not
+        # before: opening the stream on a loaded machine may take longer.)
+        es.response.fp.raw._sock.settimeout(1.0)
         while es.heartbeats < 8:  # well over a second without a message
             line = es.response.fp.readline()
             assert line, "stream ended"

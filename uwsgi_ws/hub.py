@@ -349,6 +349,11 @@ class Hub:
                 logger.warning("Redis subscriber connection lost (%s); reconnecting in about %.2fs", exc, delay)
                 first = False
             except Exception:
+                if self._stopping:
+                    # stop() closed the connection under a blocked read; redis-py
+                    # then fails with whatever its buffer raises (ValueError on a
+                    # closed file): the end asked for, not an error.
+                    return
                 logger.exception("unexpected error in the Hub reader; restarting it")
                 self._lost()
                 delay = self._max_backoff

@@ -14,10 +14,10 @@ import collections
 import os
 import socket
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import gevent
-from gevent.event import Event
+if TYPE_CHECKING:
+    from gevent.event import Event
 
 
 class Transport(Protocol):
@@ -148,6 +148,13 @@ class GeventSocketTransport(_SendQueue):
     cooperative = True
 
     def __init__(self, fd: int, *, owns_fd: bool = False) -> None:
+        # gevent is imported here, not with the module: the development server and
+        # django_ws.testing use the threaded transport, and run without gevent.
+        import gevent
+        from gevent.event import Event
+
+        self._sleep = gevent.sleep
+        self._new_event = Event
         self._sock = _socket.socket(fileno=fd)
         self._sock.setblocking(False)
         self._owns_fd = owns_fd
@@ -159,7 +166,7 @@ class GeventSocketTransport(_SendQueue):
         self.closed = False
         self._released = False
         # Set by the read watcher or by interrupt(); recv() waits on it.
-        self._wakeup = Event()
+        self._wakeup = self._new_event()
         self._interrupted = False
 
     def recv(self, timeout: float) -> bytes | None:
@@ -230,12 +237,12 @@ class GeventSocketTransport(_SendQueue):
     def cooperate(self, delay: float = 0.0) -> None:
         # sleep(0) runs the other ready greenlets; gevent bounds such a turn of the
         # loop (getswitchinterval, 5 ms), after which it polls for I/O again.
-        gevent.sleep(delay)
+        self._sleep(delay)
 
     def drain(self, timeout: float) -> bool:
         if not self._queue:
             return not self.closed
-        self._drained = Event()
+        self._drained = self._new_event()
         self._drained.wait(timeout)
         return not self._queue and not self.closed
 

@@ -1,5 +1,6 @@
-// Types of django_ws.js, the browser client of django-uwsgi-ws.
-// As a plain <script> the API is the global `DjangoWs`; as a module, the exports below.
+// Types of the browser client of django-uwsgi-ws: django_ws.mjs (the ES module) and
+// django_ws.js / django_ws.min.js (classic scripts). As a plain <script> the API is
+// the global `DjangoWs`; as a module, the exports below.
 
 export as namespace DjangoWs;
 
@@ -91,9 +92,11 @@ export interface Options extends BackoffOptions {
   /**
    * How to connect. Default "auto": a websocket; if the first ones fail (closed before
    * the server's "ready", or not ready within fallbackTimeout) before any websocket has
-   * worked, Server-Sent Events (EventSource) from then on, for the life of the connection,
-   * with the same events, recovery and send() (as POST requests). "websocket" never falls
-   * back; "sse" never tries websockets.
+   * worked, Server-Sent Events (EventSource), with the same events, recovery and send()
+   * (as POST requests). Once an event stream has opened, event streams from then on, for
+   * the life of the connection; an event stream that fails before opening (the server
+   * refused the request, e.g. 403) sends the next attempt, after the backoff, back to a
+   * websocket. "websocket" never falls back; "sse" never tries websockets.
    */
   transport?: Transport;
   /** ms a websocket may take to become ready before "auto" falls back. Default 10000. */
@@ -148,7 +151,10 @@ export interface CloseInfo {
   code: number;
   reason: string;
   wasClean: boolean;
-  /** false after close() or once maxRetries is reached. */
+  /**
+   * false after close() (emitted by close() itself while no socket was open: waiting
+   * to reconnect, offline), on 4100-4199, or once maxRetries is reached.
+   */
   willReconnect: boolean;
 }
 
@@ -180,8 +186,8 @@ export interface EventMap {
    */
   disconnected: { code: number; reason: string };
   status: Status;
-  /** "auto" fell back to Server-Sent Events. */
-  transport: "sse";
+  /** "auto" fell back to Server-Sent Events ("sse"), or back to websockets after a refused stream. */
+  transport: "websocket" | "sse";
 }
 
 export class Connection {
@@ -199,7 +205,10 @@ export class Connection {
    * Queued (up to sendQueueLimit) until the server is ready; false if dropped.
    */
   send(data: unknown): boolean;
-  /** Stop for good: the socket is closed, no timer is left, nothing reconnects. */
+  /**
+   * Stop for good: the socket is closed, no timer is left, nothing reconnects. Emits
+   * "close" (code 1000, willReconnect false) unless one has already said it is over.
+   */
   close(reason?: string): void;
   /** Drop the current socket and connect again now. */
   reconnect(): void;
@@ -258,6 +267,8 @@ export const CLOSE_CODES: {
   POLICY_VIOLATION: 1008;
   MESSAGE_TOO_BIG: 1009;
   INTERNAL_ERROR: 1011;
+  /** The worker is reloading: the client reconnects and recovers. */
+  SERVICE_RESTART: 1012;
   TRY_AGAIN_LATER: 1013;
   SLOW_CONSUMER: 4008;
   HEARTBEAT_TIMEOUT: 4009;

@@ -1,26 +1,14 @@
 /*!
- * django_ws.js - the browser client of django-uwsgi-ws. No dependencies.
- *
- * As a plain script:   <script src="{% static 'django_ws/django_ws.js' %}"></script>
- *                      const conn = DjangoWs.connect({facility: "chat", subscribe: ["broadcast"]});
- * As an ES module:     import { connect } from "/static/django_ws/django_ws.mjs";
- *
- * The wire format it speaks is defined by uwsgi_ws/protocol.py and uwsgi_ws/session.py:
- * JSON text frames with a "type" (message, subscribed, ready, heartbeat, error) and
- * binary message frames (2-byte big-endian header length, JSON header, payload).
- * Where a websocket cannot be opened, it falls back to Server-Sent Events on the same
- * URL (the same JSON documents as named events) and publishes with POST requests.
- *
- * The pure parts (backoff, URL building, recovery positions, the heartbeat deadline,
- * frame decoding) are plain functions, exported for tests; the Connection takes its
- * clock, timers, WebSocket constructor and network events from its options.
+ * django_ws.js - the browser client of django-uwsgi-ws, as a classic script:
+ *   <script src="{% static 'django_ws/django_ws.js' %}"></script>
+ *   const conn = DjangoWs.connect({facility: "chat", subscribe: ["broadcast"]});
+ * Built from django_ws.mjs by client/build.mjs: edit that file, not this one.
  */
 (function (root, factory) {
   "use strict";
   var api = factory();
   if (typeof module === "object" && module && module.exports) module.exports = api;
-  // Also in CommonJS, so that django_ws.mjs can re-export it everywhere.
-  if (root) root.DjangoWs = api;
+  else if (root) root.DjangoWs = api;
 })(typeof globalThis !== "undefined" ? globalThis : this, function () {
   "use strict";
 
@@ -41,6 +29,7 @@
     POLICY_VIOLATION: 1008,
     MESSAGE_TOO_BIG: 1009,
     INTERNAL_ERROR: 1011,
+    SERVICE_RESTART: 1012, // the worker is reloading: reconnect and recover
     TRY_AGAIN_LATER: 1013,
     SLOW_CONSUMER: 4008,
     HEARTBEAT_TIMEOUT: 4009,
@@ -505,6 +494,9 @@
     // "auto" falls back to event streams until a websocket has worked once.
     this._mayFallBack = o.transport === "auto" && canSse && this.transport === "websocket";
     this._fallbackTimer = null;
+    this._fellBack = false; // the event stream in use replaces a websocket that failed
+    this._opened = false; // the current socket or stream has opened
+    this._closeAnnounced = false; // a "close" event has said willReconnect: false
     var f = o.fetch || g.fetch;
     this._streamEnv = {
       EventSource: this._EventSource,
@@ -581,6 +573,11 @@
     }, this);
   };
 
+  Connection.prototype._emitClose = function (detail) {
+    if (!detail.willReconnect) this._closeAnnounced = true;
+    this._emit("close", detail);
+  };
+
   Connection.prototype._setStatus = function (status) {
     if (this.status === status) return;
     this.status = status;
@@ -610,10 +607,15 @@
     return true;
   };
 
-  /** Close the connection for good: no socket, no timer, no reconnection. */
+  /**
+   * Close the connection for good: no socket, no timer, no reconnection. A "close"
+   * event says so (willReconnect: false), whether a socket was open, being opened, or
+   * none was (waiting to reconnect, offline), unless one has said it already.
+   */
   Connection.prototype.close = function (reason) {
     if (this._stopped) return;
     this._stopped = true;
+    reason = reason || "";
     this._clearRetry();
     if (this._window) {
       this._window.removeEventListener("online", this._onOnline);
@@ -622,9 +624,9 @@
     var ws = this._ws;
     if (ws) {
       this._detach();
-      safeClose(ws, 1000, reason || "");
-      this._emit("close", { code: 1000, reason: reason || "", wasClean: true, willReconnect: false });
+      safeClose(ws, 1000, reason);
     }
+    if (!this._closeAnnounced) this._emitClose({ code: 1000, reason: reason, wasClean: true, willReconnect: false });
     this._queue = [];
     this._setStatus("closed");
   };
@@ -681,6 +683,7 @@
     ws.binaryType = "arraybuffer";
     this._ws = ws;
     this._ready = false;
+    this._opened = false;
     this._subscribedNow = new Set();
     var self = this;
     ws.onopen = function () { self._handleOpen(ws); };
@@ -711,6 +714,7 @@
   Connection.prototype._fallBack = function () {
     if (!this._mayFallBack || this._stopped || this.transport !== "websocket") return false;
     this._mayFallBack = false;
+    this._fellBack = true;
     this.transport = "sse";
     this._emit("transport", "sse");
     this._connect();
@@ -738,7 +742,7 @@
     var ws = this._ws;
     this._detach();
     safeClose(ws, 1000, reason);
-    this._emit("close", { code: 1006, reason: reason, wasClean: false, willReconnect: !this._stopped });
+    this._emitClose({ code: 1006, reason: reason, wasClean: false, willReconnect: !this._stopped });
   };
 
   function safeClose(ws, code, reason) {
@@ -784,6 +788,7 @@
 
   Connection.prototype._handleOpen = function (ws) {
     if (ws !== this._ws) return;
+    this._opened = true;
     this._lastActivity = this._now();
     this._emit("open", { url: ws.url, transport: this.transport });
   };
@@ -796,20 +801,32 @@
     if (isTerminalClose(code)) {
       // The server closed this identity's connections on purpose: stop, and let the
       // page decide (log in again, reload...). No reconnection with the old identity.
-      this._emit("close", { code: code, reason: reason, wasClean: !!(event && event.wasClean), willReconnect: false });
+      this._emitClose({ code: code, reason: reason, wasClean: !!(event && event.wasClean), willReconnect: false });
       this.close();
       this._emit("disconnected", { code: code, reason: reason });
       return;
     }
-    var fallBack = this._mayFallBack && this.transport === "websocket" && !this._stopped;
+    var refused = this._fellBack && this.transport === "sse" && !this._opened;
+    if (refused) {
+      // In "auto" mode, an event stream that fails before opening, like the websocket
+      // before it, says nothing about websockets being blocked: a server refusing the
+      // request (403: a logged-out user, a bad origin) fails both. So the next attempt
+      // is a websocket again, and may fall back again, rather than event streams for
+      // ever on a network where websockets work. The websocket waits for the backoff.
+      this._fellBack = false;
+      this._mayFallBack = true;
+      this.transport = "websocket";
+      this._emit("transport", "websocket");
+    }
+    var fallBack = !refused && this._mayFallBack && this.transport === "websocket" && !this._stopped;
     var willReconnect = fallBack || (!this._stopped && this._attempt < this.options.maxRetries);
-    this._emit("close", {
+    this._emitClose({
       code: code,
       reason: reason,
       wasClean: !!(event && event.wasClean),
       willReconnect: willReconnect,
     });
-    if (!this._fallBack()) this._retry();
+    if (refused || !this._fallBack()) this._retry();
   };
 
   Connection.prototype._handleMessage = function (ws, event) {
@@ -880,6 +897,8 @@
   function connect(target, options) {
     return new Connection(target, options);
   }
+
+  // The API: named exports, and the same names as the default export (DjangoWs).
 
   return {
     connect: connect,

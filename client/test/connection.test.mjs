@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { connect } from "../../django_ws/static/django_ws/django_ws.mjs";
+import { CLOSE_CODES, connect, isTerminalClose } from "django-uwsgi-ws";
 import { fakeEnv, record, recoverOf } from "./fakes.mjs";
 
 const TARGET = { url: "ws://h/ws/chat", subscribe: ["broadcast", "user"], publish: ["broadcast"] };
@@ -289,10 +289,10 @@ test("close() stops everything: no socket, no timer, no listener, no reconnectio
     assert.equal(env.clock.pending, 0, `${phase}: no timer left`);
     assert.equal(env.network.listenerCount("online"), 0, `${phase}: online listener removed`);
     assert.equal(env.network.listenerCount("offline"), 0, `${phase}: offline listener removed`);
-    if (phase === "connecting" || phase === "connected") {
-      assert.deepEqual(ws.closeCalls, [[1000, "bye"]]);
-      assert.deepEqual(events[0], ["close", { code: 1000, reason: "bye", wasClean: true, willReconnect: false }]);
-    }
+    if (phase === "connecting" || phase === "connected") assert.deepEqual(ws.closeCalls, [[1000, "bye"]]);
+    // Every phase says the connection is over, with a socket or between two.
+    assert.deepEqual(events.filter(([name]) => name === "close"),
+      [["close", { code: 1000, reason: "bye", wasClean: true, willReconnect: false }]], phase);
     assert.deepEqual(events.at(-1), ["status", "closed"]);
     ws.serverClose(1006); // late events of the old socket are ignored
     env.network.goOnline();
@@ -387,4 +387,36 @@ test("a throwing listener does not break the connection", (t) => {
   env.WebSocket.last.receive({ type: "message", channel: "broadcast", offset: 2, epoch: "b", data: 2 });
   assert.deepEqual(seen, [1, 2]);
   conn.close();
+});
+
+test("1012 (service restart) is a known code: the client reconnects after the first delay and recovers", () => {
+  const env = fakeEnv();
+  const conn = connect(TARGET, env.options);
+  const events = record(conn, ["close", "reconnecting"]);
+  const ws = env.WebSocket.last;
+  greet(ws, [{ channel: "broadcast", offset: 4, epoch: "e" }]);
+  ws.receive({ type: "message", channel: "broadcast", offset: 5, epoch: "e", data: "x" });
+  ws.serverClose(CLOSE_CODES.SERVICE_RESTART, "service restart");
+  assert.equal(CLOSE_CODES.SERVICE_RESTART, 1012);
+  assert.equal(isTerminalClose(1012), false);
+  assert.deepEqual(events, [
+    ["close", { code: 1012, reason: "service restart", wasClean: true, willReconnect: true }],
+    ["reconnecting", { attempt: 1, delay: 500 }],
+  ]);
+  env.clock.advance(500);
+  assert.equal(env.WebSocket.instances.length, 2);
+  assert.deepEqual(recoverOf(env.WebSocket.last.url), { broadcast: [5, "e"] });
+  conn.close();
+});
+
+test("a connection that gives up says close once, not again for the close() it makes", () => {
+  const env = fakeEnv({ maxRetries: 1 });
+  const conn = connect(TARGET, env.options);
+  const events = record(conn, ["close", "status"]);
+  env.WebSocket.last.serverClose(1006);
+  env.clock.advance(500);
+  env.WebSocket.last.serverClose(1006);
+  const closes = events.filter(([name]) => name === "close").map(([, d]) => d.willReconnect);
+  assert.deepEqual(closes, [true, false]);
+  assert.equal(conn.status, "closed");
 });

@@ -7,7 +7,7 @@ import {
   MAX_QUERY_LENGTH,
   Positions,
   withRecover,
-} from "../../django_ws/static/django_ws/django_ws.mjs";
+} from "django-uwsgi-ws";
 import { recoverOf } from "./fakes.mjs";
 
 const page = { href: "https://example.com/chat/room?x=1", protocol: "https:", host: "example.com" };

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { connect, isTerminalClose } from "../../django_ws/static/django_ws/django_ws.mjs";
+import { connect, isTerminalClose } from "django-uwsgi-ws";
 import { fakeEnv, fakeEventSourceClass, record } from "./fakes.mjs";
 
 const TARGET = { url: "ws://h/ws/chat", subscribe: ["user"] };

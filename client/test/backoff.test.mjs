@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { backoffDelay, checkHeartbeat, DEFAULTS } from "../../django_ws/static/django_ws/django_ws.mjs";
+import { backoffDelay, checkHeartbeat, DEFAULTS } from "django-uwsgi-ws";
 
 const noJitter = () => 0;
 const options = { minDelay: 500, maxDelay: 30000, factor: 2, jitter: 0.5 };

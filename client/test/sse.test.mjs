@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { connect, decodeEventData, readCookie, streamUrl } from "../../django_ws/static/django_ws/django_ws.mjs";
+import { connect, decodeEventData, readCookie, streamUrl } from "django-uwsgi-ws";
 import { fakeEnv, fakeEventSourceClass, fakeFetch, record, recoverOf, settle } from "./fakes.mjs";
 
 const TARGET = { url: "wss://h/ws/chat", subscribe: ["broadcast", "user"], publish: ["broadcast"] };
@@ -219,6 +219,49 @@ test("auto: a websocket that cannot open falls back to an event stream at once, 
   env.clock.advance(500);
   assert.equal(env.WebSocket.instances.length, 1);
   assert.equal(env.EventSource.instances.length, 2);
+  conn.close();
+});
+
+test("auto: a refused event stream (a 403 fails it before it opens) sends the next attempt back to websockets", () => {
+  const env = sseEnv();
+  const conn = connect(TARGET, env.options);
+  const events = record(conn, ["transport", "close", "reconnecting"]);
+  env.WebSocket.last.serverClose(1006); // a refused handshake looks like a blocked websocket
+  assert.equal(conn.transport, "sse");
+  env.EventSource.last.fail(); // and the stream is refused too: 403 before any open
+  assert.equal(conn.transport, "websocket");
+  assert.deepEqual(events.map(([name, detail]) => (name === "transport" ? detail : name)),
+    ["close", "sse", "websocket", "close", "reconnecting"]);
+  assert.equal(events[3][1].willReconnect, true);
+  assert.equal(env.WebSocket.instances.length, 1, "no websocket before the backoff");
+  env.clock.advance(500);
+  assert.equal(env.WebSocket.instances.length, 2);
+  assert.equal(env.EventSource.instances.length, 1);
+  // Once the refusal is over (the user logged in again), websockets work and stay.
+  const ws = env.WebSocket.last;
+  ws.open();
+  ws.receive({ type: "ready" });
+  assert.equal(conn.status, "connected");
+  assert.equal(conn.transport, "websocket");
+  conn.close();
+});
+
+test("auto: a websocket that fails again after a refused stream falls back to a stream again", () => {
+  const env = sseEnv();
+  const conn = connect(TARGET, env.options);
+  env.WebSocket.last.serverClose(1006);
+  env.EventSource.last.fail();
+  env.clock.advance(500);
+  env.WebSocket.last.serverClose(1006); // websockets really are blocked here
+  assert.equal(conn.transport, "sse");
+  assert.equal(env.EventSource.instances.length, 2);
+  greet(env.EventSource.last);
+  assert.equal(conn.status, "connected");
+  env.EventSource.last.fail(); // a stream that worked: event streams from now on
+  env.clock.advance(500);
+  assert.equal(conn.transport, "sse");
+  assert.equal(env.EventSource.instances.length, 3);
+  assert.equal(env.WebSocket.instances.length, 2);
   conn.close();
 });
 
