@@ -535,7 +535,12 @@ class Hub:
                 try:
                     self._resync(batch)
                 except Exception:
+                    # A bug, here or in the Redis client: still deliver the held live
+                    # messages, and tell the listeners their gap was not read.
                     logger.exception("could not resynchronise %d channel(s)", len(batch))
+                    for name in batch:
+                        self._release(name)
+                        self._notify(name, lambda listener, n=name: listener.resync_failed(n))  # type: ignore[misc]
 
     def _resync(self, names: list[str]) -> None:
         """Read the missed history of ``names`` once, then deliver and release them."""
