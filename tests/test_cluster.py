@@ -231,8 +231,13 @@ def test_every_audience_history_and_recovery_on_a_cluster(cluster, on_cluster, p
     django_ws.publish(facility, "to red", groups=["red"])
     got = [ws.next() for _ in range(3)]
     if publish_command == "SPUBLISH":
-        # Sharded: the worker listens on each master owning one of the channels.
-        owners = {cluster.owner(_channel(facility, a)) for a in audiences}
+        # Sharded: the worker listens on each master owning one of the channels (its
+        # socket's, and the control channel carrying disconnect orders), and no other.
+        from django_ws.conf import get_settings
+        from uwsgi_ws.protocol import control_channel
+
+        owners = {cluster.owner(control_channel(get_settings().prefix))}
+        owners |= {cluster.owner(_channel(facility, a)) for a in audiences}
         hubs = {n.port for n in cluster.nodes if "django_ws:hub:" in cluster.cli(n.port, "CLIENT", "LIST")}
         assert hubs == owners
     # Order holds within a channel; across channels on different masters it depends on
