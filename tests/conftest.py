@@ -258,12 +258,13 @@ class Stack:
     procs: list[subprocess.Popen]
     log: Path
     ws_socket: str | None = None  # the websocket instance's unix socket, if it has one
+    host: str = "127.0.0.1"  # the front's address
 
     def url(self, path: str) -> str:
-        return f"ws://127.0.0.1:{self.port}{path}"
+        return f"ws://{self.host}:{self.port}{path}"
 
     def http(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self.host}:{self.port}{path}"
 
     def ws_connect(self, timeout: float = 10.0) -> socket.socket:
         """Connect to the websocket instance itself, as the front's offload thread does."""
@@ -285,7 +286,17 @@ def private_dir(parent: Path, name: str = "run") -> Path:
 
 
 def start_stack(
-    mode: str, project: Project, tmp: Path, *, root: Path = ROOT, bin_dir: Path = BIN, **extra: str
+    mode: str,
+    project: Project,
+    tmp: Path,
+    *,
+    root: Path = ROOT,
+    bin_dir: Path = BIN,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    wrap: list[str] | None = None,
+    reachable: Callable[[int], bool] = port_open,
+    **extra: str,
 ) -> Stack:
     """Start a server: "offload" (front + websocket instance), "single" (one gevent
     uWSGI) or "runserver" (Django's development server).
@@ -294,14 +305,16 @@ def start_stack(
     directory under ``tmp``, as the ini's default does; ``DJANGO_WS_OFFLOAD_TO`` in
     ``extra`` puts it elsewhere (``127.0.0.1:<port>`` for TCP). ``root`` (the directory
     of the ini and of ``example/``) and ``bin_dir`` (the virtualenv's bin, with python
-    and uwsgi) default to this checkout and its virtualenv.
+    and uwsgi) default to this checkout and its virtualenv. On another host (see
+    tests/lab.py) the command runs under ``wrap``, the front listens on ``host``,
+    and ``reachable(port)`` tells when it answers.
     """
-    port = free_port()
+    port = port or free_port()
     env = {
         **os.environ,
         **project.env,
         "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
-        "DJANGO_WS_HTTP": f"127.0.0.1:{port}",
+        "DJANGO_WS_HTTP": f"{host}:{port}",
         "DJANGO_WS_PROCESSES": "1",
         "DJANGO_WS_THREADS": "1",
         "DJANGO_WS_ASYNC": "3000",
@@ -331,20 +344,20 @@ def start_stack(
         command = [str(bin_dir / "uwsgi"), "--ini", section]
         cwd = root
     proc = subprocess.Popen(
-        command,
+        [*(wrap or []), *command],
         cwd=cwd,
         env=env,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         preexec_fn=_raise_fd_limit,
     )
-    stack = Stack(mode, port, ws_port, [proc], log, unix_socket)
+    stack = Stack(mode, port, ws_port, [proc], log, unix_socket, host)
     try:
-        wait_for(lambda: proc.poll() is None and port_open(port), what=f"{mode} server", timeout=30)
+        wait_for(lambda: proc.poll() is None and reachable(port), what=f"{mode} server", timeout=30)
         if unix_socket:
             wait_for(lambda: unix_socket_open(unix_socket), what="websocket instance", timeout=30)
         elif ws_port:
-            wait_for(lambda: port_open(ws_port), what="websocket instance", timeout=30)
+            wait_for(lambda: reachable(ws_port), what="websocket instance", timeout=30)
     except TimeoutError:
         stop(proc)
         raise RuntimeError(f"{mode} server did not start; log:\n{log.read_text()[-3000:]}") from None

@@ -6,15 +6,16 @@ import json
 import signal
 import subprocess
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import django_ws
 from tests.conftest import WS, free_port, start_redis, start_stack, stop, wait_for
-from uwsgi_ws.config import Config
 from uwsgi_ws.exceptions import ConfigurationError
-from uwsgi_ws.redis_url import check_url, parse_cluster_url
+from uwsgi_ws.redis_url import check_publish_command, check_url, parse_cluster_url
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -28,8 +29,8 @@ def test_cluster_urls():
     for bad in ("redis+cluster://h", "redis+cluster://h:7000/3", "redis+cluster://:7000"):
         with pytest.raises(ConfigurationError):
             check_url(bad)
-    with pytest.raises(ConfigurationError, match="SPUBLISH"):
-        Config(secret=b"s", redis_url="redis+cluster://h:7000", publish_command="SPUBLISH")
+    # Sharded pub/sub on a Cluster: one subscriber connection per master in use.
+    assert check_publish_command("SPUBLISH", "redis+cluster://h:7000") == "SPUBLISH"
 
 
 def next_message(ws: WS) -> dict:
@@ -58,9 +59,13 @@ def cluster_port() -> int:
 
 
 class Cluster:
-    """``masters`` masters, each with ``replicas`` replicas (promoted when it fails)."""
+    """A loopback Cluster: ``masters`` masters with ``replicas`` replicas each (promoted
+    when it fails); a master is declared failed after ``node_timeout`` ms (1 s with
+    replicas, 15 s without, unless given)."""
 
-    def __init__(self, tmp: Path, masters: int = 3, replicas: int = 0) -> None:
+    def __init__(self, tmp: Path, masters: int = 3, *, replicas: int = 0, node_timeout: int | None = None) -> None:
+        if node_timeout is None:
+            node_timeout = 1000 if replicas else 15000
         self.nodes = []
         for i in range(masters * (1 + replicas)):
             d = tmp / f"node{i}"
@@ -76,7 +81,7 @@ class Cluster:
                     "--cluster-require-full-coverage",
                     "no",
                     "--cluster-node-timeout",
-                    "1000" if replicas else "15000",
+                    str(node_timeout),
                 )
             )
         addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
@@ -108,9 +113,71 @@ class Cluster:
                     return int(fields[1].split("@")[0].rsplit(":", 1)[1])
         raise LookupError(key)
 
+    def table(self) -> list[dict]:
+        """CLUSTER NODES as seen by the first live node: id, port, role, master id, slots."""
+        live = next(n for n in self.nodes if n.proc.poll() is None)
+        rows = []
+        for line in self.cli(live.port, "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+            rows.append(
+                {
+                    "id": fields[0],
+                    "port": port,
+                    "node": port,
+                    "master": "master" in fields[2] and "fail" not in fields[2],
+                    "of": fields[3],
+                    "slots": fields[8:],
+                }
+            )
+        return rows
+
+    def node(self, port: int):  # type: ignore[no-untyped-def]
+        return next(n for n in self.nodes if n.port == port)
+
+    def migrate(self, slot: int, source: int, target: int, *, between: Callable[[], None] = lambda: None) -> None:
+        """Move ``slot`` and its keys from the master at port ``source`` to ``target``."""
+        migrate_slot(self.cli, self.table(), slot, source, target, ("127.0.0.1", target), between=between)
+
     def stop(self) -> None:
         for node in self.nodes:
             stop(node.proc, signal.SIGTERM)
+
+
+def migrate_slot(
+    cli: Callable[..., str],
+    table: list[dict],
+    slot: int,
+    source: Any,
+    destination: Any,
+    to: tuple[str, int],
+    *,
+    between: Callable[[], None] = lambda: None,
+) -> None:
+    """Move ``slot`` and its keys from master ``source`` to master ``destination``
+    (reached at ``to``, host and port) the way ``redis-cli --cluster reshard`` does.
+
+    ``cli(node, *args)`` runs redis-cli against a node as ``table`` names it (rows
+    with "node", "id" and "master"); ``between`` runs once the slot is migrating,
+    its keys still on the source.
+    """
+    ids = {row["node"]: row["id"] for row in table}
+
+    def ok(node: Any, *args: Any) -> None:
+        out = cli(node, *map(str, args)).strip()
+        if out != "OK":
+            raise RuntimeError(f"{' '.join(map(str, args[:3]))} on {node}: {out!r}")
+
+    ok(destination, "CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+    ok(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", ids[destination])
+    between()
+    while keys := cli(source, "CLUSTER", "GETKEYSINSLOT", str(slot), "100").split():
+        ok(source, "MIGRATE", to[0], to[1], "", 0, 5000, "KEYS", *keys)
+    for node in (destination, source):
+        ok(node, "CLUSTER", "SETSLOT", slot, "NODE", ids[destination])
+    for row in table:
+        if row["master"] and row["node"] not in (source, destination):
+            ok(row["node"], "CLUSTER", "SETSLOT", slot, "NODE", ids[destination])
 
 
 @pytest.fixture
@@ -121,13 +188,21 @@ def cluster(tmp_path):
 
 
 @pytest.fixture
-def on_cluster(cluster, project, tmp_path, monkeypatch):
+def publish_command() -> str:
+    return "PUBLISH"
+
+
+@pytest.fixture
+def on_cluster(cluster, project, tmp_path, monkeypatch, publish_command):
     """An offload stack, and this process's publish(), on the cluster."""
     import django_ws.conf
 
     monkeypatch.setenv("DJANGO_WS_REDIS_URL", cluster.url)
+    monkeypatch.setenv("DJANGO_WS_PUBLISH_COMMAND", publish_command)
     monkeypatch.setattr(django_ws.conf, "_cached", None)  # re-read; the old settings come back after
-    stack = start_stack("offload", project, tmp_path, DJANGO_WS_REDIS_URL=cluster.url)
+    stack = start_stack(
+        "offload", project, tmp_path, DJANGO_WS_REDIS_URL=cluster.url, DJANGO_WS_PUBLISH_COMMAND=publish_command
+    )
     yield stack
     for proc in stack.procs:
         stop(proc)
@@ -140,7 +215,8 @@ def _channel(facility: str, audience) -> str:
     return channel_name(get_settings().prefix, facility, audience)
 
 
-def test_every_audience_history_and_recovery_on_a_cluster(cluster, on_cluster, project, facility):
+@pytest.mark.parametrize("publish_command", ["PUBLISH", "SPUBLISH"])
+def test_every_audience_history_and_recovery_on_a_cluster(cluster, on_cluster, project, facility, publish_command):
     from uwsgi_ws.protocol import Audience, Kind
 
     stack = on_cluster
@@ -160,6 +236,16 @@ def test_every_audience_history_and_recovery_on_a_cluster(cluster, on_cluster, p
     django_ws.publish(facility, "to alice", users=["alice"])
     django_ws.publish(facility, "to red", groups=["red"])
     got = [ws.next() for _ in range(3)]
+    if publish_command == "SPUBLISH":
+        # Sharded: the worker listens on each master owning one of the channels (its
+        # socket's, and the control channel carrying disconnect orders), and no other.
+        from django_ws.conf import get_settings
+        from uwsgi_ws.protocol import control_channel
+
+        owners = {cluster.owner(control_channel(get_settings().prefix))}
+        owners |= {cluster.owner(_channel(facility, a)) for a in audiences}
+        hubs = {n.port for n in cluster.nodes if "django_ws:hub:" in cluster.cli(n.port, "CLIENT", "LIST")}
+        assert hubs == owners
     # Order holds within a channel; across channels on different masters it depends on
     # the cluster bus, which forwards each master's publications to the Hub's node.
     assert sorted((m["channel"], m["data"]) for m in got) == [

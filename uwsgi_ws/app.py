@@ -30,11 +30,12 @@ from typing import Any
 from .config import Config, check_socket_directory, unix_socket_path
 from .control import Controller
 from .exceptions import BadRequest, ConfigurationError, RedisUnavailable, TicketError
-from .hub import Hub, connection_factory
+from .hub import Hub, connection_factory, make_hub
 from .presence import PresenceTracker
 from .protocol import SSE_HEADERS, Ticket, check_handshake, nonce_key, verify_ticket
 from .redis_url import make_client
 from .session import EventStreamSession, Session
+from .shards import ShardedHub
 from .store import Store
 from .transport import GeventSocketTransport, Transport
 
@@ -69,7 +70,7 @@ class WebSocketApplication:
 
     def __init__(self, config: Config | None = None) -> None:
         self._config = config
-        self._hub: Hub | None = None
+        self._hub: Hub | ShardedHub | None = None
         self._store: Store | None = None
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
         self._runtime_lock = threading.Lock()
@@ -82,7 +83,7 @@ class WebSocketApplication:
             self._config = Config.from_env()
         return self._config
 
-    def _runtime(self) -> tuple[Hub, Store]:
+    def _runtime(self) -> tuple[Hub | ShardedHub, Store]:
         # Built on first use, so inside the worker process after uWSGI forked it.
         hub, store = self._hub, self._store
         if hub is not None and store is not None:
@@ -106,9 +107,7 @@ class WebSocketApplication:
             )
             sub = "SSUBSCRIBE" if config.publish_command == "SPUBLISH" else "SUBSCRIBE"
             self._store = Store(client, publish_command=config.publish_command)
-            self._hub = Hub(
-                connection_factory(config.redis_url, ping_interval=10.0), store=self._store, subscribe_command=sub
-            )
+            self._hub = make_hub(config.redis_url, subscribe_command=sub, store=self._store, ping_interval=10.0)
             self._hub.start()
         return self._hub, self._store
 

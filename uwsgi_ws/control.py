@@ -18,7 +18,7 @@ import logging
 import threading
 from typing import Protocol
 
-from .hub import Hub
+from .hub import Subscriptions
 from .protocol import Disconnect, Envelope, Position, Unsubscribe, control_channel, decode_control
 from .store import Store
 
@@ -50,7 +50,7 @@ class Controller:
 
     Args:
         prefix: the project's Redis prefix.
-        hub: the worker's Hub.
+        hub: the worker's Hub (or ShardedHub).
         store: Redis access, to read missed orders after a reconnection.
         clock_skew: seconds of clock difference tolerated between Django's hosts
             and this one when telling whether a connection predates an order.
@@ -59,7 +59,7 @@ class Controller:
     def __init__(
         self,
         prefix: str,
-        hub: Hub,
+        hub: Subscriptions,
         store: Store,
         *,
         clock_skew: float = 5.0,

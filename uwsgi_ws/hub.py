@@ -25,6 +25,11 @@ under ``_lock``, which is never held across I/O. The decision "send a SUBSCRIBE 
 or leave it to the reader" is taken under ``_lock``, in step with the reader's
 snapshot of the channels after a reconnection, so no subscription falls between
 the two.
+
+With sharded pub/sub on a Redis Cluster one Hub serves one master, and a
+:class:`~uwsgi_ws.shards.ShardedHub` routes channels to them; the Hub sends its
+sharded (un)subscriptions one slot per command, subscribes again when a node drops a
+channel whose slot moved, and reports the MOVED answer so the channel can follow.
 """
 
 from __future__ import annotations
@@ -36,17 +41,19 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.connection import Connection
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import MovedError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .exceptions import RedisUnavailable, SubscribeTimeout
 from .protocol import Envelope, Position, channel_label, client_frame, decide_recovery, decode_envelope
 
 if TYPE_CHECKING:
+    from .shards import ShardedHub
     from .store import ChannelState, Store
 
 logger = logging.getLogger(__name__)
@@ -61,7 +68,7 @@ _RESYNC_PAUSES = (0.2, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0)
 # recent position recover from memory (see Hub.recent).
 _TAIL = 64
 
-__all__ = ["Hub", "Listener", "SubscribeTimeout", "connection_factory"]
+__all__ = ["Hub", "Listener", "Subscriptions", "SubscribeTimeout", "connection_factory", "make_hub", "parse_moved"]
 
 
 class Listener(Protocol):
@@ -80,6 +87,17 @@ class Listener(Protocol):
     def position(self, channel: str) -> Position | None:
         """Where the listener stands in ``channel`` (None: still reading it)."""
 
+
+
+class Subscriptions(Protocol):
+    """What a websocket session needs of the worker's :class:`Hub` (or
+    :class:`~uwsgi_ws.shards.ShardedHub`, which has the same interface)."""
+
+    def subscribe(self, listener: Listener, channels: Iterable[str], *, timeout: float = 10.0) -> None:
+        """Register ``listener`` for ``channels`` once Redis confirms them."""
+
+    def unsubscribe(self, listener: Listener, channels: Iterable[str]) -> None:
+        """Unregister ``listener`` from ``channels``."""
 
 
 class _Channel:
@@ -115,6 +133,11 @@ class Hub:
             connection silent for three intervals is considered dead.
         max_backoff: the longest pause between reconnection attempts.
         subscribe_command: ``SUBSCRIBE``, or ``SSUBSCRIBE`` for sharded pub/sub.
+        on_moved: with sharded pub/sub on a Cluster, called (from the reader, so it
+            must not block) with the channels of a slot this node no longer owns and
+            the ``(host, port)`` of the node that does, as its MOVED answer said.
+        on_lost: called (from the reader, must not block) each time the connection
+            breaks.
     """
 
     def __init__(
@@ -125,8 +148,12 @@ class Hub:
         ping_interval: float = 10.0,
         max_backoff: float = 5.0,
         subscribe_command: str = "SUBSCRIBE",
+        on_moved: Callable[[list[str], tuple[str, int]], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
     ) -> None:
         self._connect = connect
+        self._on_moved = on_moved
+        self._on_lost = on_lost
         self._store = store
         self._ping_interval = ping_interval
         self._max_backoff = max_backoff
@@ -137,6 +164,9 @@ class Hub:
         # A channel is confirmed only when this drops to zero: after a quick
         # SUBSCRIBE, UNSUBSCRIBE, SUBSCRIBE the first confirmation must not count.
         self._inflight: dict[str, int] = {}
+        # UNSUBSCRIBE commands sent per channel whose answer has not arrived yet: any
+        # other unsubscribe answer was pushed by the server (a Cluster slot moved).
+        self._unsub_inflight: dict[str, int] = {}
         self._conn: Connection | None = None
         # True from the reader's snapshot of the channels (under _lock) until the
         # connection breaks: subscribe() then sends its own SUBSCRIBE.
@@ -192,6 +222,16 @@ class Hub:
         """
         self.start()
         channels = list(dict.fromkeys(channels))
+        new, states, send_now = self._register(listener, channels)
+        if new and send_now:
+            self._send(self._sub, new)
+        if not _confirmed_all(states, time.monotonic() + timeout):
+            self.unsubscribe(listener, channels)
+            raise SubscribeTimeout()
+
+    def _register(self, listener: Listener, channels: list[str]) -> tuple[list[str], list[_Channel], bool]:
+        """Add ``listener`` to ``channels``; return the channels new to this Hub, the
+        states to wait on, and whether the caller must send the SUBSCRIBE itself."""
         new = []
         with self._lock:
             states = []
@@ -206,16 +246,15 @@ class Hub:
             # Decided with the reader's snapshot excluded: either the reader has not
             # taken it yet (and will subscribe these channels) or it has, and we must.
             send_now = self._connected
-        if new and send_now:
-            self._send(self._sub, new)
-        deadline = time.monotonic() + timeout
-        for state in states:
-            if not state.confirmed.wait(max(0.0, deadline - time.monotonic())):
-                self.unsubscribe(listener, channels)
-                raise SubscribeTimeout()
+        return new, states, send_now
 
     def unsubscribe(self, listener: Listener, channels: Iterable[str]) -> None:
         """Unregister ``listener``; channels without listeners are unsubscribed."""
+        gone, send_now = self._unregister(listener, channels)
+        if gone and send_now:
+            self._send(self._unsub, gone)
+
+    def _unregister(self, listener: Listener, channels: Iterable[str]) -> tuple[list[str], bool]:
         gone = []
         with self._lock:
             for name in channels:
@@ -227,8 +266,49 @@ class Hub:
                     del self._channels[name]
                     gone.append(name)
             send_now = self._connected
-        if gone and send_now:
-            self._send(self._unsub, gone)
+            if send_now:
+                for name in gone:
+                    self._unsub_inflight[name] = self._unsub_inflight.get(name, 0) + 1
+        return gone, send_now
+
+    # ------------------------------------------------- moving channels between Hubs
+
+    @property
+    def connected(self) -> bool:
+        """True while the subscriber connection is up."""
+        return self._connected
+
+    def channel_names(self) -> list[str]:
+        with self._lock:
+            return list(self._channels)
+
+    def _take(self, names: Iterable[str]) -> dict[str, _Channel]:
+        """Take ``names`` away from this Hub, listeners and position included, without
+        unsubscribing: their node no longer serves them (see :meth:`_adopt`)."""
+        taken = {}
+        with self._lock:
+            for name in names:
+                state = self._channels.pop(name, None)
+                if state is not None:
+                    taken[name] = state
+                self._inflight.pop(name, None)
+        return taken
+
+    def _adopt(self, states: dict[str, _Channel]) -> tuple[list[str], bool]:
+        """Take over channels taken from another Hub: subscribe them here and read
+        what they may have missed from history once confirmed (live messages wait
+        meanwhile). Returns the channels to subscribe and whether the caller must send
+        the SUBSCRIBE itself."""
+        with self._lock:
+            for name, state in states.items():
+                assert name not in self._channels, name
+                state.resync = True
+                if state.held is None:
+                    state.held = []
+                state.confirmed.clear()
+                self._channels[name] = state
+                self._inflight[name] = self._inflight.get(name, 0) + 1
+            return list(states), self._connected
 
     def recent(self, channel: str, since: Position, *, wait: float = 2.0) -> ChannelState | None:
         """What the Hub delivered on ``channel`` after ``since``, if it holds all of it.
@@ -339,11 +419,25 @@ class Hub:
             return
         with self._write_lock:
             try:
-                for start in range(0, len(channels), _CHUNK):
-                    conn.send_command(command, *channels[start : start + _CHUNK], check_health=False)
+                for group in self._groups(channels):
+                    conn.send_command(command, *group, check_health=False)
             except (RedisError, OSError) as exc:
                 # The reader sees the broken connection too and reconnects.
                 logger.warning("could not send %s to Redis: %s", command, exc)
+
+    def _groups(self, channels: list[str]) -> Iterable[list[str]]:
+        """Split ``channels`` into commands: on a Cluster one sharded (un)subscription
+        may only name channels of one slot."""
+        if self._sub == "SSUBSCRIBE":
+            by_slot: dict[int, list[str]] = {}
+            for name in channels:
+                by_slot.setdefault(key_slot(name.encode("utf-8")), []).append(name)
+            parts: Iterable[list[str]] = by_slot.values()
+        else:
+            parts = [channels]
+        for part in parts:
+            for start in range(0, len(part), _CHUNK):
+                yield part[start : start + _CHUNK]
 
     # ----------------------------------------------------------------- reader
 
@@ -385,8 +479,11 @@ class Hub:
                 state.confirmed.clear()
                 state.known = None
             self._inflight.clear()
+            self._unsub_inflight.clear()
         if self._conn is not None:
             self._conn.disconnect()
+        if self._on_lost is not None and not self._stopping:
+            self._on_lost()
 
     def _open(self, *, resync: bool) -> None:
         conn = self._connect()
@@ -398,14 +495,17 @@ class Hub:
                 self._conn = conn
                 names = list(self._channels)
                 self._inflight = {name: 1 for name in names}
+                self._unsub_inflight = {}
                 for name in names:
                     state = self._channels[name]
-                    state.resync = resync
-                    if resync and state.held is None:
+                    # A channel adopted from another Hub waits for its history read
+                    # even on this Hub's first connection.
+                    state.resync = state.resync or resync
+                    if state.resync and state.held is None:
                         state.held = []
                 self._connected = True
-            for start in range(0, len(names), _CHUNK):
-                conn.send_command(self._sub, *names[start : start + _CHUNK], check_health=False)
+            for group in self._groups(names):
+                conn.send_command(self._sub, *group, check_health=False)
         if resync:
             logger.info("Redis subscriber connection restored; %d channel(s) subscribed again", len(names))
 
@@ -418,6 +518,17 @@ class Hub:
                 reply = conn.read_response()
             except RedisTimeoutError:
                 raise RedisConnectionError("no answer to PING from Redis") from None
+            except MovedError as exc:  # redis-py's parsers know the MOVED answer
+                if self._sub != "SSUBSCRIBE":
+                    raise
+                self._moved(exc.slot_id, str(exc.host).strip("[]"), int(exc.port))
+                continue
+            except ResponseError as exc:  # parsers that do not
+                moved = parse_moved(str(exc))
+                if moved is None or self._sub != "SSUBSCRIBE":
+                    raise
+                self._moved(*moved)
+                continue
             if not isinstance(reply, list):
                 continue  # +PONG outside of subscribe mode
             kind = reply[0]
@@ -436,6 +547,46 @@ class Hub:
                 self._fan_out(name, state, envelope)
             elif kind == b"subscribe" or kind == b"ssubscribe":
                 self._confirmed(reply[1].decode("utf-8"))
+            elif kind == b"sunsubscribe" and reply[1] is not None:
+                self._unsubscribed(reply[1].decode("utf-8"))
+
+    def _unsubscribed(self, name: str) -> None:
+        """An unsubscription answered: ours, or pushed by a Cluster node whose slot
+        moved to another node. Then subscribe again here: the node answers MOVED with
+        the new owner (see :meth:`_moved`), or confirms if the slot came back; either
+        way the channel reads what it missed from history once subscribed."""
+        with self._lock:
+            left = self._unsub_inflight.get(name, 0)
+            if left:
+                if left > 1:
+                    self._unsub_inflight[name] = left - 1
+                else:
+                    del self._unsub_inflight[name]
+                return
+            state = self._channels.get(name)
+            if state is None:
+                return
+            state.resync = True
+            if state.held is None:
+                state.held = []
+            state.confirmed.clear()
+            self._inflight[name] = self._inflight.get(name, 0) + 1
+        logger.info("Redis dropped the subscription to %s (its slot moved); subscribing again", name)
+        self._send(self._sub, [name])
+
+    def _moved(self, slot: int, host: str, port: int) -> None:
+        """A sharded subscription was refused: the slot is served by ``host:port``."""
+        with self._lock:
+            names = [name for name in self._channels if key_slot(name.encode("utf-8")) == slot]
+            for name in names:
+                self._inflight.pop(name, None)
+        if self._on_moved is None:
+            logger.warning(
+                "Redis moved slot %d (%d channel(s)) to %s:%d; nothing follows it", slot, len(names), host, port
+            )
+            return
+        if names:
+            self._on_moved(names, (host, port))
 
     def _confirmed(self, name: str) -> None:
         with self._lock:
@@ -505,7 +656,12 @@ class Hub:
                 try:
                     self._resync(batch)
                 except Exception:
+                    # A bug, here or in the Redis client: still deliver the held live
+                    # messages, and tell the listeners their gap was not read.
                     logger.exception("could not resynchronise %d channel(s)", len(batch))
+                    for name in batch:
+                        self._release(name)
+                        self._notify(name, lambda listener, n=name: listener.resync_failed(n))  # type: ignore[misc]
 
     def _resync(self, names: list[str]) -> None:
         """Read the missed history of ``names`` once, then deliver and release them."""
@@ -617,6 +773,24 @@ class Hub:
                     logger.warning("could not PING Redis: %s", exc)
 
 
+def parse_moved(text: str) -> tuple[int, str, int] | None:
+    """The slot, host and port of a ``MOVED <slot> <host>:<port>`` error, else None."""
+    parts = text.split()
+    if len(parts) != 3 or parts[0] != "MOVED" or not parts[1].isdigit():
+        return None
+    host, _, port = parts[2].rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return int(parts[1]), host.strip("[]"), int(port)
+
+
+def _confirmed_all(states: Iterable[_Channel], deadline: float) -> bool:
+    for state in states:
+        if not state.confirmed.wait(max(0.0, deadline - time.monotonic())):
+            return False
+    return True
+
+
 def _earliest(name: str, listeners: Iterable[Listener]) -> Position | None:
     """The earliest position of the listeners of ``name`` in the current epoch, if any."""
     positions = [p for p in (listener.position(name) for listener in listeners) if p is not None]
@@ -636,15 +810,42 @@ def _joined(entries: Iterable[Envelope], first: int, last: Position) -> bool:
     return expected == last.offset + 1 and expected > first
 
 
+def _subscriber_options(ping_interval: float) -> dict[str, Any]:
+    return {
+        "socket_timeout": ping_interval * 3,
+        "socket_connect_timeout": 5.0,
+        "socket_keepalive": True,
+        "health_check_interval": 0,
+        "client_name": f"django_ws:hub:{os.getpid()}",
+    }
+
+
 def connection_factory(url: str, *, ping_interval: float) -> Callable[[], Connection]:
     """Return a function making subscriber connections to the Redis at ``url``."""
     from .redis_url import subscriber_factory
 
-    return subscriber_factory(
-        url,
-        socket_timeout=ping_interval * 3,
-        socket_connect_timeout=5.0,
-        socket_keepalive=True,
-        health_check_interval=0,
-        client_name=f"django_ws:hub:{os.getpid()}",
+    return subscriber_factory(url, **_subscriber_options(ping_interval))
+
+
+def make_hub(
+    url: str, *, subscribe_command: str, store: Store | None, ping_interval: float = 10.0
+) -> Hub | ShardedHub:
+    """Return the Hub for ``url``: one subscriber connection, or with sharded pub/sub
+    on a Cluster a :class:`~uwsgi_ws.shards.ShardedHub` (one per master in use)."""
+    from .redis_url import is_cluster, node_factory, parse_cluster_url
+
+    if subscribe_command == "SSUBSCRIBE" and is_cluster(url):
+        from .shards import ShardedHub
+
+        return ShardedHub(
+            parse_cluster_url(url).nodes,
+            node_factory(url, **_subscriber_options(ping_interval)),
+            store=store,
+            ping_interval=ping_interval,
+        )
+    return Hub(
+        connection_factory(url, ping_interval=ping_interval),
+        store=store,
+        ping_interval=ping_interval,
+        subscribe_command=subscribe_command,
     )

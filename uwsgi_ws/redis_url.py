@@ -13,7 +13,9 @@ primary: the Hub reconnects and re-subscribes, publishers retry on their next ca
 In a Cluster every key of a channel shares its hash tag, so each publish and history
 read is one script on one node. Messages go out with ``PUBLISH``, which a Cluster
 forwards to every node: the Hub's one subscriber connection may sit on any node (it
-moves to the next node given in the URL when its node fails).
+moves to the next node given in the URL when its node fails). Or with ``SPUBLISH``,
+which only the shard owning the channel's slot carries: the worker then holds one
+subscriber connection per master it needs (see :mod:`uwsgi_ws.shards`).
 """
 
 from __future__ import annotations
@@ -115,11 +117,6 @@ def check_publish_command(command: str, url: str) -> str:
     """Return ``command`` if it can publish to the Redis at ``url``, else raise ConfigurationError."""
     if command not in ("PUBLISH", "SPUBLISH"):
         raise ConfigurationError(f"the publish command must be PUBLISH or SPUBLISH, not {command!r}")
-    if command == "SPUBLISH" and is_cluster(url):
-        raise ConfigurationError(
-            "SPUBLISH with a Redis Cluster is not supported yet (the Hub would need a connection per "
-            "shard): use PUBLISH, which a Cluster forwards to every node"
-        )
     return command
 
 
@@ -200,6 +197,17 @@ def make_client(url: str, *, max_connections: int | None = None, wait: float = 1
 
 def _netloc(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def node_factory(url: str, **options: Any) -> Callable[[str, int], Connection]:
+    """Return a function that makes a new, unconnected connection to one node of
+    the Cluster at ``url`` (with the URL's password)."""
+    cluster = parse_cluster_url(url)
+
+    def connect(host: str, port: int) -> Connection:
+        return Connection(host=host, port=port, password=cluster.password, **options)
+
+    return connect
 
 
 def subscriber_factory(url: str, **options: Any) -> Callable[[], Connection]:

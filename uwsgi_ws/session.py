@@ -46,7 +46,7 @@ from .core import (
     SessionCore,
 )
 from .exceptions import PublishError, RedisUnavailable
-from .hub import Hub
+from .hub import Subscriptions
 from .protocol import Envelope, Position, Ticket, rate_key
 from .store import ChannelState, Store
 from .transport import Transport
@@ -77,7 +77,7 @@ class Session:
     Args:
         ticket: what the connection may do, as signed by Django.
         transport: the byte transport of the connection.
-        hub: the worker's Hub.
+        hub: the worker's Hub (or ShardedHub).
         store: Redis access for publishing and history.
         subscribe_timeout: seconds to wait for Redis to confirm subscriptions.
         controller: the worker's controller, which closes connections on Django's
@@ -93,7 +93,7 @@ class Session:
         self,
         ticket: Ticket,
         transport: Transport,
-        hub: Hub,
+        hub: Subscriptions,
         store: Store,
         *,
         subscribe_timeout: float = 10.0,

@@ -235,6 +235,28 @@ def test_a_history_read_that_fails_is_reported_to_the_listeners(hub_setup, priva
     assert listener.failed == [channel("e")]
 
 
+def test_an_unexpected_error_in_a_history_read_does_not_hold_the_channel_forever(hub_setup, monkeypatch):
+    # A client library bug (redis-py's cluster pipeline raising AttributeError while a
+    # slot moves, for one) must not leave the channel's live messages held.
+    hub, store, gate, client = hub_setup
+    listener = Listener()
+    hub.subscribe(listener, [channel("u")], timeout=5)
+    publish(store, channel("u"), "before")
+    wait_for(lambda: listener.messages, what="the first message")
+
+    def broken(requests):  # type: ignore[no-untyped-def]
+        raise AttributeError("'NoneType' object has no attribute 'redis_connection'")
+
+    monkeypatch.setattr(store, "fetch", broken)
+    gate.kill(client)
+    wait_for(lambda: listener.failed, what="resync_failed", timeout=15)
+    assert listener.failed == [channel("u")]
+    monkeypatch.undo()
+    publish(store, channel("u"), "live")
+    wait_for(lambda: len(listener.messages) == 2, what="the live message")
+    assert [payload for _, _, payload in listener.messages] == [b"before", b"live"]
+
+
 def test_subscribe_times_out_when_redis_does_not_answer(private_redis, tmp_path):
     gate = Gate(private_redis.port)
     hub = Hub(gate, ping_interval=10)
