@@ -47,6 +47,7 @@ from .exceptions import RedisUnavailable, SubscribeTimeout
 from .protocol import Envelope, Position, channel_label, client_frame, decide_recovery, decode_envelope
 
 if TYPE_CHECKING:
+    from .ops import Stats
     from .store import ChannelState, Store
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class Hub:
             connection silent for three intervals is considered dead.
         max_backoff: the longest pause between reconnection attempts.
         subscribe_command: ``SUBSCRIBE``, or ``SSUBSCRIBE`` for sharded pub/sub.
+        stats: the worker's figures (the delivery lag is recorded here); None: none.
     """
 
     def __init__(
@@ -111,8 +113,10 @@ class Hub:
         ping_interval: float = 10.0,
         max_backoff: float = 5.0,
         subscribe_command: str = "SUBSCRIBE",
+        stats: Stats | None = None,
     ) -> None:
         self._connect = connect
+        self._stats = stats
         self._store = store
         self._ping_interval = ping_interval
         self._max_backoff = max_backoff
@@ -135,6 +139,8 @@ class Hub:
         self._to_resync: collections.deque[str] = collections.deque()
         self._resync_wanted = threading.Event()
         self.reconnects = 0
+        #: Errors on the subscriber connection (each one ends it; the Hub reconnects).
+        self.errors = 0
         #: History reads issued after reconnections (one per pipelined batch of channels).
         self.resync_reads = 0
         #: Exceptions raised by listeners (each logged, none stops the Hub).
@@ -165,6 +171,21 @@ class Hub:
     @property
     def channel_count(self) -> int:
         return len(self._channels)
+
+    @property
+    def connected(self) -> bool:
+        """The subscriber connection is up (every channel was subscribed again on it)."""
+        return self._connected and not self._stopping
+
+    def subscriptions(self) -> int:
+        """The listeners of every channel, summed."""
+        return sum(len(state.listeners) for state in tuple(self._channels.values()))
+
+    def busiest(self, count: int) -> list[tuple[str, int]]:
+        """The ``count`` channels with the most local listeners: (name, listeners)."""
+        sizes = [(name, len(state.listeners)) for name, state in tuple(self._channels.items())]
+        sizes.sort(key=lambda item: (-item[1], item[0]))
+        return sizes[:count]
 
     # ----------------------------------------------------------------- listeners
 
@@ -249,6 +270,7 @@ class Hub:
                 self._lost()
                 if self._stopping:
                     return
+                self.errors += 1
                 delay = min(self._max_backoff, max(0.05, delay * 2))
                 if not first:
                     self.reconnects += 1
@@ -347,13 +369,19 @@ class Hub:
             return  # delivered already (replayed from history after a reconnection)
         state.position = Position(envelope.offset, envelope.epoch)
         frame = client_frame(state.label, envelope)
-        for listener in tuple(state.listeners):
+        listeners = tuple(state.listeners)
+        for listener in listeners:
             try:
                 listener.deliver(name, envelope, frame)
             except Exception:
                 # One broken listener must not cost the worker its subscriber connection.
                 self.listener_errors += 1
                 logger.exception("a listener of %s failed to take a message", name)
+        stats = self._stats
+        if stats is not None and envelope.published:
+            # Once per message, not per listener: the time after the last write is
+            # what every listener of this worker waited, at most.
+            stats.observe_lag(time.time() - envelope.published, len(listeners))
 
     def _notify(self, name: str, call: Callable[[Listener], None]) -> None:
         state = self._channels.get(name)
