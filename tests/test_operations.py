@@ -145,3 +145,161 @@ def test_ready_follows_redis_and_live_does_not(project, tmp_path):
             for proc in stack.procs:
                 stop(proc)
         stop(private.proc)
+
+
+# --------------------------------------------------------------------------- Django side
+
+
+def test_publish_calls_and_errors_are_counted_in_django(project, redis_server, ws_settings, facility):
+    from prometheus_client import REGISTRY
+
+    def value(name: str) -> float:
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    calls, errors, timed = (value(n) for n in ("django_ws_publish_calls_total", "django_ws_publish_errors_total",
+                                               "django_ws_publish_seconds_count"))
+    django_ws.publish(facility, "one", broadcast=True)
+    assert value("django_ws_publish_calls_total") == calls + 1
+    assert value("django_ws_publish_seconds_count") == timed + 1
+    assert value("django_ws_publish_errors_total") == errors
+    ws_settings(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    with pytest.raises(django_ws.PublishError):
+        django_ws.publish(facility, "lost", broadcast=True)
+    assert value("django_ws_publish_errors_total") == errors + 1
+    assert value("django_ws_publish_calls_total") == calls + 1
+
+
+# --------------------------------------------------------------------------- registry and hand-over
+
+
+def start_instance(project, tmp_path, name: str, **extra: str):
+    """Start a websocket instance apart from any front, as the ini's [websocket] section
+    runs it, on a unix socket in a private directory; return (process, socket path, log)."""
+    import subprocess
+
+    from tests.conftest import ROOT, UWSGI, _raise_fd_limit, private_dir, unix_socket_open
+
+    directory = tmp_path / f"run-{name}"
+    if not directory.exists():
+        private_dir(tmp_path, f"run-{name}")
+    sock = directory / "ws.sock"
+    log = tmp_path / f"{name}.log"
+    env = {**os.environ, **project.env, "DJANGO_WS_OFFLOAD_TO": str(sock), "DJANGO_WS_ASYNC": "500", **extra}
+    proc = subprocess.Popen(
+        [str(UWSGI), "--ini", "uwsgi.ini.example:websocket"],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        preexec_fn=_raise_fd_limit,
+    )
+    wait_for(lambda: unix_socket_open(str(sock)), what=f"websocket instance {name}", timeout=30)
+    return proc, str(sock), log
+
+
+def kill_for_good(proc) -> None:
+    """SIGKILL an instance this test started: its workers, then its master."""
+    from tests.conftest import descendants
+
+    for pid in descendants(proc.pid):
+        os.kill(pid, signal.SIGKILL)
+    proc.kill()
+    proc.wait(10)
+
+
+def registry_instances(redis_server) -> dict[str, dict]:
+    from uwsgi_ws.ops import Registry
+
+    return {i.address: i.as_dict() for i in Registry(redis_server.client()).instances()}
+
+
+class Handshakes:
+    """Open a websocket through the front every ``pace`` seconds, in a thread, and close
+    it once ready; count what succeeded and what failed, with their times."""
+
+    def __init__(self, url: str, pace: float = 0.05) -> None:
+        import threading
+
+        self.url = url
+        self.pace = pace
+        self.ok: list[float] = []
+        self.failed: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                ws = WS(self.url, timeout=5)
+                try:
+                    ws.ready()
+                finally:
+                    ws.close()
+                self.ok.append(time.monotonic())
+            except Exception:  # noqa: BLE001 - a failed handshake is what is counted
+                self.failed.append(time.monotonic())
+            self._stop.wait(max(0.0, self.pace - (time.monotonic() - started)))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_instance_is_skipped_and_taken_again_when_back(project, redis_server, tmp_path, facility):
+    from tests.conftest import private_dir
+
+    beat = {"DJANGO_WS_REGISTRY_INTERVAL": "0.5"}
+    first = str(private_dir(tmp_path, "run-a") / "ws.sock")
+    other, second, other_log = start_instance(project, tmp_path, "b", **beat)
+    stack = None
+    handshakes = None
+    try:
+        stack = start_stack(
+            "offload",
+            project,
+            tmp_path,
+            DJANGO_WS_OFFLOAD_TO=first,
+            EXAMPLE_OFFLOAD_TO=f"{first},{second}",
+            DJANGO_WS_OFFLOAD_REGISTRY="1",
+            DJANGO_WS_PROCESSES="2",
+            **beat,
+        )
+        wait_for(
+            lambda: {a for a, i in registry_instances(redis_server).items() if i["ready"]} >= {first, second},
+            what="both instances ready in the registry",
+        )
+
+        def served_by_second() -> int:
+            return other_log.read_text().count(f"GET /ws/{facility}")
+
+        handshakes = Handshakes(stack.url(f"/ws/{facility}?subscribe-broadcast"))
+        wait_for(lambda: served_by_second() >= 5 and len(handshakes.ok) >= 20, what="both instances serving")
+        kill_for_good(other)
+        killed = time.monotonic()
+        wait_for(lambda: len([t for t in handshakes.ok if t > killed + 1]) >= 40, what="40 more handshakes", timeout=30)
+        failed_while_dead = len(handshakes.failed)
+        ok_while_dead = len([t for t in handshakes.ok if t > killed])
+        # Back, on the same socket: it takes hand-overs again within 5 s.
+        served_before = served_by_second()
+        other, _, _ = start_instance(project, tmp_path, "b", **beat)
+        back = time.monotonic()
+        wait_for(lambda: served_by_second() > served_before, what="the instance back in service", timeout=15)
+        taken_after = time.monotonic() - back
+        handshakes.stop()
+        print(
+            f"\nSIGKILL of one of two instances: {failed_while_dead} failed handshake(s), {ok_while_dead} "
+            f"succeeded on the survivor; back in service {taken_after:.2f}s after its restart"
+        )
+        assert failed_while_dead <= 3
+        assert taken_after < 5.0
+        assert len(handshakes.failed) == failed_while_dead  # none failed after the restart
+    finally:
+        if handshakes is not None:
+            handshakes.stop()
+        if stack is not None:
+            for proc in stack.procs:
+                stop(proc)
+        stop(other)

@@ -98,6 +98,9 @@ class WebSocketApplication:
         self._drain_order: float | None = None
         self._redis_ok = False
         self._beat_wakeup: Any = None
+        self._background: list[Any] = []  # greenlets and watchers that outlive requests
+        self._uwsgi_reload = False  # uWSGI's reload of this worker drains first
+        self._leaving = False  # reloaded and drained: no more heartbeats
 
     @property
     def config(self) -> Config:
@@ -167,11 +170,14 @@ class WebSocketApplication:
         # uWSGI's gevent loop has its own SIGHUP watcher (the graceful reload: it stops
         # accepting at once and waits for the connections to end); libev calls every
         # watcher of a signal, so this one runs too.
-        gevent.signal_handler(signal.SIGHUP, self.reloading)
-        gevent.spawn(self._collect_forever)
+        self._background = [gevent.spawn(self._collect_forever)]
+        if self.address:
+            gevent.spawn_later(0.5, self._own_sighup)
+        else:
+            self._background.append(gevent.signal_handler(signal.SIGHUP, self.reloading))
         if self.config.registry_interval > 0 and self.address:
             self._runtime()  # the Hub connects now: readiness needs it
-            gevent.spawn(self._beat_forever)
+            self._background.append(gevent.spawn(self._beat_forever))
 
     def worker_started(self) -> None:
         """uWSGI forked this worker: start the Hub, the watchers and the heartbeat."""
@@ -238,6 +244,9 @@ class WebSocketApplication:
         from redis.exceptions import RedisError
 
         config = self.config
+        if self._leaving:
+            return
+        self._own_sighup()
         registry = self._registry_client()
         try:
             self._redis_ok = True  # as the entry says: it is only read if the write worked
@@ -279,26 +288,71 @@ class WebSocketApplication:
 
     # ----------------------------------------------------------------- drain
 
-    def reloading(self, *args: Any) -> None:
-        """uWSGI reloads the worker gracefully: drain (it accepts nothing more already)."""
-        self.drain(settle=0.0)
+    def _own_sighup(self) -> None:
+        """Answer SIGHUP (uWSGI's reload of this worker) with a drain, then end the worker.
 
-    def drain(self, *, settle: float) -> None:
+        uWSGI 2.0's own handler stops accepting and waits for the running requests,
+        that is for every connection, until ``worker-reload-mercy`` runs out. So the
+        signal gets a Python handler instead, set once the worker's loop runs (uWSGI
+        sets its own until then) and set again at each heartbeat if it was replaced.
+        """
+        if self.address and signal.getsignal(signal.SIGHUP) != self._sighup:
+            signal.signal(signal.SIGHUP, self._sighup)
+            self._uwsgi_reload = True
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        import gevent
+
+        gevent.spawn(self.reloading)
+
+    def reloading(self, *args: Any) -> None:
+        """SIGHUP (uWSGI reloads the worker): drain, then end the worker.
+
+        In an instance started by :func:`load` the drain is spread over
+        ``DJANGO_WS_DRAIN_WINDOW``; elsewhere (single-instance mode, where uWSGI ends
+        the worker right after this) every connection is closed at once, with 1012.
+        """
+        if not self._uwsgi_reload or self.config.drain_window <= 0:
+            self.going_away()
+            return
+        self.drain(settle=0.0, reload=True)
+
+    def drain(self, *, settle: float, reload: bool = False) -> None:
         """Stop taking connections, then close every one with 1012 over the drain window.
 
         The registry shows this worker not ready at once, so the fronts hand new
         connections to other instances; after ``settle`` seconds new connections
         are refused (503) and the open ones are closed one by one, each at a random
         point of its own slot of ``DJANGO_WS_DRAIN_WINDOW`` (:func:`drain_schedule`):
-        their clients reconnect elsewhere at a bounded rate.
+        their clients reconnect elsewhere at a bounded rate. With ``reload``, the
+        worker leaves the registry once its connections are gone (uWSGI ends it).
         """
         import gevent
 
-        if self._draining:
+        if self._draining and not reload:
             return
         self._draining = True
         self._beat_soon()
-        gevent.spawn(self._drain, settle)
+        gevent.spawn(self._drain_then_leave if reload else self._drain, settle)
+
+    def _drain_then_leave(self, settle: float) -> None:
+        import gevent
+        from redis.exceptions import RedisError
+
+        from .session import DRAIN_TIMEOUT, LINGER_TIMEOUT
+
+        self._drain(settle)
+        deadline = time.monotonic() + DRAIN_TIMEOUT + LINGER_TIMEOUT + 1.0
+        while self._sessions and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        self._leaving = True
+        if self._registry is not None:
+            try:
+                self._registry.leave(self.worker_name())
+            except RedisError:
+                pass
+        logger.info("worker %d drained: ending it for the reload", os.getpid())
+        os._exit(UWSGI_RELOAD_CODE)
 
     def _drain(self, settle: float) -> None:
         import gevent
@@ -444,6 +498,7 @@ class WebSocketApplication:
             if not self._gevent_patched():
                 return _answer(start_response, 500, "server misconfigured")
             self._start_worker_watchers()
+            self._own_sighup()
         refusal = self._claim(ticket, environ, config)
         if refusal is not None:
             status, text = refusal
@@ -517,6 +572,7 @@ class WebSocketApplication:
         if not self._gevent_patched():
             return _answer(start_response, 500, "server misconfigured")
         self._start_worker_watchers()
+        self._own_sighup()
         start_response("200 OK", list(SSE_HEADERS))
 
         def body() -> Iterator[bytes]:
@@ -554,6 +610,8 @@ def _answer(start_response: StartResponse, status: int, text: str) -> list[bytes
     return [body]
 
 
+# The status uWSGI's workers end with when they are reloaded.
+UWSGI_RELOAD_CODE = 17
 # The status of a websocket instance that refused its configuration: uWSGI's own
 # "no application could be loaded" code, so that uWSGI and supervisors read it alike.
 EXIT_REFUSED = 22
@@ -594,6 +652,12 @@ def load() -> WebSocketApplication:
     # first connection: until then nobody would know it is ready.
     uwsgi.post_fork_hook = app.worker_started
     return app
+
+
+def _current_greenlet() -> Any:
+    import gevent
+
+    return gevent.getcurrent()
 
 
 def _uwsgi_sockets() -> list[str]:

@@ -135,6 +135,7 @@ class Hub:
         self._write_lock = threading.Lock()  # one command at a time on the connection
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        self._stopped = threading.Event()  # wakes the pinger up when the Hub stops
         # Channels confirmed after a reconnection, waiting for their history read.
         self._to_resync: collections.deque[str] = collections.deque()
         self._resync_wanted = threading.Event()
@@ -165,6 +166,7 @@ class Hub:
         """Ask the threads to end and close the Redis connection."""
         self._stopping = True
         self._resync_wanted.set()
+        self._stopped.set()
         if self._conn is not None:
             self._conn.disconnect()
 
@@ -501,7 +503,8 @@ class Hub:
 
     def _ping_forever(self) -> None:
         while not self._stopping:
-            time.sleep(self._ping_interval)
+            if self._stopped.wait(self._ping_interval):
+                return
             conn = self._conn
             if not self._connected or conn is None:
                 continue
