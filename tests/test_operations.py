@@ -303,3 +303,103 @@ def test_a_killed_instance_is_skipped_and_taken_again_when_back(project, redis_s
             for proc in stack.procs:
                 stop(proc)
         stop(other)
+
+
+# --------------------------------------------------------------------------- drain and status
+
+
+def close_times(clients: list[WS], timeout: float = 30.0) -> list[tuple[float, int | None]]:
+    """Read every client until its close frame, in threads; return (time, code) of each."""
+    import threading
+
+    import websocket
+
+    results: list[tuple[float, int | None]] = []
+    lock = threading.Lock()
+
+    def read(ws: WS) -> None:
+        ws.conn.settimeout(timeout)
+        try:
+            while True:
+                opcode, data = ws.conn.recv_data(control_frame=True)
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
+                    break
+        except Exception:  # noqa: BLE001 - reported as no code
+            code = None
+        with lock:
+            results.append((time.monotonic(), code))
+
+    threads = [threading.Thread(target=read, args=(ws,)) for ws in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout + 5)
+    return results
+
+
+def most_in_any(times: list[float], span: float) -> int:
+    times = sorted(times)
+    return max((sum(1 for t in times[i:] if t - start < span) for i, start in enumerate(times)), default=0)
+
+
+@pytest.mark.timeout(120)
+def test_ws_drain_spreads_1012_over_the_window_and_ws_status_shows_it(project, redis_server, tmp_path, facility):
+    import json
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    stack, ops_port = ops_stack(
+        project, tmp_path, DJANGO_WS_REGISTRY_INTERVAL="0.2", DJANGO_WS_DRAIN_WINDOW="2"
+    )
+    address = stack.ws_socket
+    try:
+        url = stack.url(f"/ws/{facility}?subscribe-broadcast")
+        clients = [WS(url) for _ in range(20)]
+        for ws in clients:
+            ws.ready()
+
+        def status() -> dict:
+            out = StringIO()
+            call_command("ws_status", "--json", stdout=out)
+            return json.loads(out.getvalue())
+
+        def ours(report: dict) -> dict | None:
+            return next((i for i in report["instances"] if i["address"] == address), None)
+
+        def counted() -> dict | None:
+            report = status()
+            return report if (ours(report) or {}).get("connections") == 20 else None
+
+        report = wait_for(counted, what="ws_status showing the 20 connections")
+        assert ours(report)["ready"] is True and ours(report)["workers"] == 1
+        assert {"channel": "{ws:" + facility + ":broadcast}", "subscribers": 20} in report["busiest_channels"]
+        text = StringIO()
+        call_command("ws_status", stdout=text)
+        assert address in text.getvalue() and "ready" in text.getvalue()
+
+        ordered = time.monotonic()
+        call_command("ws_drain", address, stdout=StringIO())
+        wait_for(lambda: http_get(ops_port, "/health/ready") == (503, "draining\n"), what="not ready", timeout=5)
+        closes = close_times(clients)
+        assert [code for _, code in closes] == [1012] * 20
+        times = [t for t, _ in closes]
+        spread = max(times) - min(times)
+        print(f"\ndrain: 20 closes from {min(times) - ordered:.2f}s to {max(times) - ordered:.2f}s after the order")
+        # one close per 0.1 s slot of the 2 s window: never more than 6 in any 0.5 s
+        assert most_in_any(times, 0.5) <= 7
+        assert spread >= 1.5
+        assert (ours(status()) or {}).get("draining") is True
+        refused = status_line(stack, handshake_vars(None, key=new_key()))  # no ticket: refused as ever
+        assert refused.startswith(b"HTTP/1.1 403")
+        with pytest.raises(Exception, match="503"):
+            WS(url)  # handed over to the drained instance: refused
+        call_command("ws_drain", address, "--cancel", stdout=StringIO())
+        wait_for(lambda: _status(ops_port, "/health/ready") == 200, what="ready again", timeout=5)
+        again = WS(url)
+        again.ready()
+        again.close()
+    finally:
+        for proc in stack.procs:
+            stop(proc)
