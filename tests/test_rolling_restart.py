@@ -193,6 +193,12 @@ def test_rolling_restart_of_two_instances_loses_nothing_at_a_bounded_handshake_r
             f"{bound:.0f}/s for {drained} connections over {WINDOW:.0f} s); close codes seen {codes}; "
             f"{failed} failed handshake(s)"
         )
+        base = report["connected"]
+        per_second: dict[int, int] = {}
+        for t in handshakes:
+            per_second[int(t - base)] = per_second.get(int(t - base), 0) + 1
+        print("reconnections per second:", dict(sorted(per_second.items())))
+        print("restarts:", {a: (round(v[1] - base, 1), round(v[2] - base, 1)) for a, v in report.items() if isinstance(v, tuple)})
         assert len(published) > 5 * PUBLISH_RATE
         assert lost == []
         assert codes == [1012]
