@@ -403,3 +403,40 @@ def test_ws_drain_spreads_1012_over_the_window_and_ws_status_shows_it(project, r
     finally:
         for proc in stack.procs:
             stop(proc)
+
+
+# --------------------------------------------------------------------------- dashboard
+
+
+def test_the_grafana_dashboard_uses_only_exported_metrics():
+    """Every metric name in docs/grafana-dashboard.json is one the code exports (with
+    the suffixes Prometheus adds to histograms), and every exported one is shown."""
+    import json
+    import re
+
+    from django_ws.metrics import METRICS as DJANGO_METRICS
+    from tests.conftest import ROOT
+    from uwsgi_ws.ops import METRICS
+
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\bdjango_ws_[a-z_]+", e)}
+    exported = set()
+    for name, (kind, _) in {**METRICS, **DJANGO_METRICS}.items():
+        exported.add(name)
+        if kind == "histogram":
+            exported |= {name + "_bucket", name + "_sum", name + "_count"}
+    assert used - exported == set()
+    shown = {re.sub(r"_(bucket|sum|count)$", "", n) for n in used}
+    assert set(METRICS) | set(DJANGO_METRICS) <= shown
+
+
+def test_exported_metric_names_are_the_declared_ones():
+    """What /metrics really serves is exactly METRICS (the dashboard test relies on it)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from uwsgi_ws.ops import METRICS, merge_snapshots, render_metrics
+
+    body, _ = render_metrics(merge_snapshots([]))
+    names = {f.name + ("_total" if f.type == "counter" else "") for f in text_string_to_metric_families(body.decode())}
+    assert names == set(METRICS)
