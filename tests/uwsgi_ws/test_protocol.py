@@ -445,3 +445,29 @@ def test_websocket_instance_without_a_secret_answers_500_not_a_traceback(monkeyp
     answered = []
     body = WebSocketApplication()({"REQUEST_METHOD": "GET"}, lambda status, headers: answered.append(status))
     assert answered == ["500 Internal Server Error"] and b"Traceback" not in b"".join(body)
+
+
+def test_envelopes_carry_the_publish_time_after_the_sender():
+    from uwsgi_ws.protocol import stamp_sender
+
+    stamped = stamp_sender(b"abc", now=1700000000.25)
+    assert stamped == b"abc@1700000000.250000"
+    env = decode_envelope(stamped + b"\nt\n7\n123.4\nline1\nline2")
+    assert (env.sender, env.published, env.payload) == (b"abc", 1700000000.25, b"line1\nline2")
+    # published before stamps existed: no time, the sender as it was
+    old = decode_envelope(b"abc\nt\n7\n123.4\nx")
+    assert (old.sender, old.published) == (b"abc", 0.0)
+    with pytest.raises(ValueError):
+        decode_envelope(b"abc@soon\nt\n7\n123.4\nx")
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [("DJANGO_WS_METRICS", "maybe"), ("DJANGO_WS_DRAIN_WINDOW", "-1"), ("DJANGO_WS_PREFIX", "bad prefix!")],
+)
+def test_operations_variables_are_checked(name, value):
+    from uwsgi_ws.config import Config
+    from uwsgi_ws.exceptions import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=name.replace("DJANGO_WS_", "") if name == "DJANGO_WS_PREFIX" else name):
+        Config.from_env({"DJANGO_WS_SECRET": "s" * 16 + "0123456789abcdef" * 2, name: value})
