@@ -99,8 +99,9 @@ class WebSocketApplication:
         self._redis_ok = False
         self._beat_wakeup: Any = None
         self._background: list[Any] = []  # greenlets and watchers that outlive requests
-        self._uwsgi_reload = False  # uWSGI's reload of this worker drains first
+        self._uwsgi_reload = False  # SIGHUP is answered here: drain, then end the worker
         self._leaving = False  # reloaded and drained: no more heartbeats
+        self._reloading = False
 
     @property
     def config(self) -> Config:
@@ -167,9 +168,6 @@ class WebSocketApplication:
         if self._worker_started:
             return
         self._worker_started = True
-        # uWSGI's gevent loop has its own SIGHUP watcher (the graceful reload: it stops
-        # accepting at once and waits for the connections to end); libev calls every
-        # watcher of a signal, so this one runs too.
         self._background = [gevent.spawn(self._collect_forever)]
         if self.address:
             gevent.spawn_later(0.5, self._own_sighup)
@@ -294,7 +292,8 @@ class WebSocketApplication:
         uWSGI 2.0's own handler stops accepting and waits for the running requests,
         that is for every connection, until ``worker-reload-mercy`` runs out. So the
         signal gets a Python handler instead, set once the worker's loop runs (uWSGI
-        sets its own until then) and set again at each heartbeat if it was replaced.
+        sets its own until then) and set again at each connection and heartbeat if it
+        was replaced; the drain ends the worker itself, as uWSGI's reload expects.
         """
         if self.address and signal.getsignal(signal.SIGHUP) != self._sighup:
             signal.signal(signal.SIGHUP, self._sighup)
@@ -325,12 +324,13 @@ class WebSocketApplication:
         are refused (503) and the open ones are closed one by one, each at a random
         point of its own slot of ``DJANGO_WS_DRAIN_WINDOW`` (:func:`drain_schedule`):
         their clients reconnect elsewhere at a bounded rate. With ``reload``, the
-        worker leaves the registry once its connections are gone (uWSGI ends it).
+        worker then leaves the registry and ends (uWSGI starts a new one).
         """
         import gevent
 
-        if self._draining and not reload:
+        if self._reloading or (self._draining and not reload):
             return
+        self._reloading = reload
         self._draining = True
         self._beat_soon()
         gevent.spawn(self._drain_then_leave if reload else self._drain, settle)
@@ -652,12 +652,6 @@ def load() -> WebSocketApplication:
     # first connection: until then nobody would know it is ready.
     uwsgi.post_fork_hook = app.worker_started
     return app
-
-
-def _current_greenlet() -> Any:
-    import gevent
-
-    return gevent.getcurrent()
 
 
 def _uwsgi_sockets() -> list[str]:
