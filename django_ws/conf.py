@@ -74,6 +74,10 @@ DEFAULTS: dict[str, Any] = {
     # list of them (or a comma-separated string): hand-overs then go to each in turn.
     # Default: $DJANGO_WS_OFFLOAD_TO. None: no offloading (single-instance mode).
     "OFFLOAD_TO": None,
+    # Choose among OFFLOAD_TO's instances with the instance registry in Redis: each
+    # hand-over goes to the ready instance with the fewest connections, and a dead or
+    # draining one is skipped. Default: $DJANGO_WS_OFFLOAD_REGISTRY ("1"), else False.
+    "OFFLOAD_REGISTRY": None,
     # Close the websockets of a session when it ends: on logout (user_logged_out) and
     # when a view flushes the session or changes its key (login does).
     "DISCONNECT_ON_LOGOUT": True,
@@ -167,6 +171,7 @@ class WsSettings:
     ticket_secret: bytes
     ticket_ttl: float
     offload_to: tuple[str, ...]  # empty: no offloading
+    offload_registry: bool
     publish_retries: int
     publish_retry_delay: float
     publish_command: str
@@ -286,6 +291,16 @@ def _read() -> WsSettings:
 
     offload_to = _addresses(s["OFFLOAD_TO"] or os.environ.get("DJANGO_WS_OFFLOAD_TO") or ())
     ticket_secret = _ticket_secret(s["TICKET_SECRET"], offload_to)
+    offload_registry = s["OFFLOAD_REGISTRY"]
+    if offload_registry is None:
+        offload_registry = os.environ.get("DJANGO_WS_OFFLOAD_REGISTRY", "").strip().lower() in ("1", "true", "yes")
+    if not isinstance(offload_registry, bool):
+        raise ImproperlyConfigured(f"DJANGO_WS['OFFLOAD_REGISTRY'] must be True or False, not {offload_registry!r}")
+    if offload_registry and not offload_to:
+        raise ImproperlyConfigured(
+            "DJANGO_WS['OFFLOAD_REGISTRY'] chooses among the instances of OFFLOAD_TO: list them there "
+            "(the registry never adds an address of its own)"
+        )
     info_hook = s["PRESENCE_INFO"]
     if isinstance(info_hook, str):
         try:
@@ -328,6 +343,7 @@ def _read() -> WsSettings:
         ticket_secret=ticket_secret,
         ticket_ttl=_positive(s, "TICKET_TTL"),
         offload_to=offload_to,
+        offload_registry=offload_registry,
         publish_retries=_int(s, "PUBLISH_RETRIES", 0),
         publish_retry_delay=_positive(s, "PUBLISH_RETRY_DELAY"),
         publish_command=publish_command,

@@ -24,7 +24,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -51,6 +51,7 @@ from uwsgi_ws.protocol import (
 )
 
 from .conf import WsSettings, check_offload_sockets, get_settings
+from .handover import next_address
 from .identity import client_identity, session_digest
 from .logout import close_ended_sessions, watch_session
 from .origins import Origin, parse_origin, split_host
@@ -311,7 +312,7 @@ class WebSocketMiddleware:
             request.META[TICKET_VAR] = token
             return _plain(202, "handed over to the websocket server")
         if conf.offload_to:
-            address = _next_address(conf.offload_to)
+            address = next_address(conf)
             try:
                 import uwsgi
             except ImportError:
@@ -329,19 +330,6 @@ class WebSocketMiddleware:
             request.path_info,
         )
         return _plain(503, "websockets are not available on this server")
-
-
-_turns: dict[tuple[str, ...], Iterator[str]] = {}
-
-
-def _next_address(addresses: tuple[str, ...]) -> str:
-    """The websocket instance for this hand-over: each of ``addresses`` in turn."""
-    if len(addresses) == 1:
-        return addresses[0]
-    turn = _turns.get(addresses)
-    if turn is None:
-        turn = _turns.setdefault(addresses, itertools.cycle(addresses))
-    return next(turn)  # itertools.cycle is atomic under the GIL
 
 
 def check_origin(request: HttpRequest, conf: WsSettings, *, stream: bool = False) -> None:

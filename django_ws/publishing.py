@@ -31,6 +31,7 @@ from uwsgi_ws.protocol import (
 from uwsgi_ws.redis_url import make_client
 from uwsgi_ws.store import Published, Store
 
+from . import metrics
 from .conf import get_settings
 from .identity import session_digest
 
@@ -149,9 +150,10 @@ def _send(channels: list[str], kind: bytes, payload: bytes, *, history_size: int
     conf = get_settings()
     store = Store(get_redis(), publish_command=conf.publish_command)
     delay = conf.publish_retry_delay
+    started = time.perf_counter()
     for attempt in range(conf.publish_retries + 1):
         try:
-            return store.publish(
+            result = store.publish(
                 channels,
                 kind,
                 payload,
@@ -161,10 +163,14 @@ def _send(channels: list[str], kind: bytes, payload: bytes, *, history_size: int
             )
         except PublishError:
             if attempt == conf.publish_retries:
+                metrics.failed()
                 raise
             logger.warning("publish to %s failed, retrying in %.2fs", what, delay)
             time.sleep(delay)
             delay *= 2
+            continue
+        metrics.published(time.perf_counter() - started)
+        return result
     raise AssertionError("unreachable")  # pragma: no cover
 
 

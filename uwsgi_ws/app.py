@@ -20,8 +20,10 @@ import gc
 import hmac
 import logging
 import os
+import random
 import signal
 import threading
+import socket
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +33,7 @@ from .config import Config, check_socket_directory, unix_socket_path
 from .control import Controller
 from .exceptions import BadRequest, ConfigurationError, RedisUnavailable, TicketError
 from .hub import Hub, connection_factory, make_hub
+from .ops import TOP_CHANNELS, TTL_INTERVALS, Registry, Stats, drain_schedule, merge_snapshots, render_metrics
 from .presence import PresenceTracker
 from .protocol import SSE_HEADERS, Ticket, check_handshake, nonce_key, verify_ticket
 from .redis_url import make_client
@@ -59,6 +62,18 @@ StartResponse = Callable[..., Any]
 # and a full collection over everything runs this often (seconds), for anything else.
 FULL_COLLECTION_INTERVAL = 3600.0
 
+# The operations endpoints, answered only to requests without a ticket (from the
+# instance's operations HTTP socket, DJANGO_WS_OPS_HTTP, or the hand-over socket).
+LIVE_PATH = "/health/live"
+READY_PATH = "/health/ready"
+METRICS_PATH = "/metrics"
+OPS_PATHS = frozenset({LIVE_PATH, READY_PATH, METRICS_PATH})
+# A drain ordered through Redis waits this many heartbeat intervals (and this
+# much more, for the fronts' cached view of the registry) before closing anything:
+# the fronts stop handing connections over first.
+DRAIN_SETTLE_INTERVALS = 2.0
+DRAIN_SETTLE_EXTRA = 0.5
+
 
 class WebSocketApplication:
     """Serve handed-over websocket connections.
@@ -76,6 +91,22 @@ class WebSocketApplication:
         self._runtime_lock = threading.Lock()
         self._controllers: dict[str, Controller] = {}
         self._trackers: dict[str, PresenceTracker] = {}
+        self._stats: Stats | None = None
+        self._registry: Registry | None = None
+        self._worker_started = False
+        self._started = time.time()
+        self.address = ""
+        # Draining: not ready (the fronts stop handing over); refusing: new
+        # connections are answered 503.
+        self._draining = False
+        self._refusing = False
+        self._drain_order: float | None = None
+        self._redis_ok = False
+        self._beat_wakeup: Any = None
+        self._background: list[Any] = []  # greenlets and watchers that outlive requests
+        self._uwsgi_reload = False  # SIGHUP is answered here: drain, then end the worker
+        self._leaving = False  # reloaded and drained: no more heartbeats
+        self._reloading = False
 
     @property
     def config(self) -> Config:
@@ -107,7 +138,11 @@ class WebSocketApplication:
             )
             sub = "SSUBSCRIBE" if config.publish_command == "SPUBLISH" else "SUBSCRIBE"
             self._store = Store(client, publish_command=config.publish_command)
-            self._hub = make_hub(config.redis_url, subscribe_command=sub, store=self._store, ping_interval=10.0)
+            if config.metrics and self._stats is None:
+                self._stats = Stats()
+            self._hub = make_hub(
+                config.redis_url, subscribe_command=sub, store=self._store, ping_interval=10.0, stats=self._stats
+            )
             self._hub.start()
         return self._hub, self._store
 
@@ -145,15 +180,267 @@ class WebSocketApplication:
             session.going_away()
 
     def _start_worker_watchers(self) -> None:
-        """Once per gevent worker: graceful reloads, and the garbage collection policy."""
+        """Once per gevent worker: graceful reloads, the garbage collection policy, and
+        the heartbeat in the instance registry."""
         import signal
 
         import gevent
 
-        # uWSGI's gevent loop has its own SIGHUP watcher (the graceful reload); libev
-        # calls every watcher of a signal, so this one runs too.
-        gevent.signal_handler(signal.SIGHUP, self.going_away)
-        gevent.spawn(self._collect_forever)
+        if self._worker_started:
+            return
+        self._worker_started = True
+        self._background = [gevent.spawn(self._collect_forever)]
+        if self.address:
+            gevent.spawn_later(0.5, self._own_sighup)
+        else:
+            self._background.append(gevent.signal_handler(signal.SIGHUP, self.reloading))
+        if self.config.registry_interval > 0 and self.address:
+            self._runtime()  # the Hub connects now: readiness needs it
+            self._background.append(gevent.spawn(self._beat_forever))
+
+    def worker_started(self) -> None:
+        """uWSGI forked this worker: start the Hub, the watchers and the heartbeat."""
+        try:
+            config = self.config
+        except ConfigurationError:
+            return  # load() refused it already
+        if not self._gevent_patched():
+            return
+        self.address = config.address or next(iter(_uwsgi_sockets()), "")
+        self._started = time.time()
+        self._start_worker_watchers()
+
+    # ----------------------------------------------------------------- registry
+
+    @property
+    def ready(self) -> bool:
+        """This worker takes connections: Redis answers, the Hub is subscribed, no drain."""
+        return (
+            not self._draining and self._hub is not None and self._hub.connected and self._redis_ok
+        )
+
+    def worker_name(self) -> str:
+        return f"{self.address} {socket.gethostname()} {os.getpid()}"
+
+    def snapshot(self) -> dict[str, Any]:
+        """This worker's figures and state, as the registry and the metrics show them."""
+        websockets = streams = queued = 0
+        for session in list(self._sessions):
+            if isinstance(session, EventStreamSession):
+                streams += 1
+            else:
+                websockets += 1
+            queued += session.transport.queued_bytes
+        hub = self._hub
+        stats = self._stats
+        return {
+            "address": self.address,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": self._started,
+            "at": time.time(),
+            "ready": self.ready,
+            "draining": self._draining,
+            "ops": self.config.ops_address,
+            "connections": {"websocket": websockets, "eventstream": streams},
+            "subscriptions": 0 if hub is None else hub.subscriptions(),
+            "channels": 0 if hub is None else hub.channel_count,
+            "top": [] if hub is None else [list(item) for item in hub.busiest(TOP_CHANNELS)],
+            "queue_bytes": queued,
+            "redis_reconnects": 0 if hub is None else hub.reconnects,
+            "redis_errors": 0 if hub is None else hub.errors,
+            "stats": (stats or Stats()).as_dict(),
+        }
+
+    def _registry_client(self) -> Registry:
+        if self._registry is None:
+            _, store = self._runtime()
+            self._registry = Registry(store.client, self.config.prefix)
+        return self._registry
+
+    def beat(self) -> None:
+        """Write this worker's entry in the registry and follow a drain order."""
+        from redis.exceptions import RedisError
+
+        config = self.config
+        if self._leaving:
+            return
+        self._own_sighup()
+        registry = self._registry_client()
+        try:
+            self._redis_ok = True  # as the entry says: it is only read if the write worked
+            order = registry.beat(
+                self.worker_name(),
+                self.snapshot(),
+                ttl=config.registry_interval * TTL_INTERVALS,
+                drain_of=self.address,
+            )
+        except RedisError as exc:
+            if self._redis_ok:
+                logger.warning("could not write to the instance registry: %s", exc)
+            self._redis_ok = False
+            return
+        if order is not None and order > self._started and self._drain_order is None:
+            logger.info("drain ordered through Redis for %s", self.address)
+            self._drain_order = order
+            self.drain(settle=DRAIN_SETTLE_INTERVALS * config.registry_interval + DRAIN_SETTLE_EXTRA)
+        elif order is None and self._drain_order is not None:
+            logger.info("drain order cancelled: taking connections again")
+            self._drain_order = None
+            self._draining = self._refusing = False
+
+    def _beat_forever(self) -> None:
+        from gevent.event import Event
+
+        self._beat_wakeup = Event()
+        while True:
+            try:
+                self.beat()
+            except Exception:
+                logger.exception("the registry heartbeat failed")
+            self._beat_wakeup.wait(self.config.registry_interval)
+            self._beat_wakeup.clear()
+
+    def _beat_soon(self) -> None:
+        if self._beat_wakeup is not None:
+            self._beat_wakeup.set()
+
+    # ----------------------------------------------------------------- drain
+
+    def _own_sighup(self) -> None:
+        """Answer SIGHUP (uWSGI's reload of this worker) with a drain, then end the worker.
+
+        uWSGI 2.0's own handler stops accepting and waits for the running requests,
+        that is for every connection, until ``worker-reload-mercy`` runs out. So the
+        signal gets a Python handler instead, set once the worker's loop runs (uWSGI
+        sets its own until then) and set again at each connection and heartbeat if it
+        was replaced; the drain ends the worker itself, as uWSGI's reload expects.
+        """
+        if self.address and signal.getsignal(signal.SIGHUP) != self._sighup:
+            signal.signal(signal.SIGHUP, self._sighup)
+            self._uwsgi_reload = True
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        import gevent
+
+        gevent.spawn(self.reloading)
+
+    def reloading(self, *args: Any) -> None:
+        """SIGHUP (uWSGI reloads the worker): drain, then end the worker.
+
+        In an instance started by :func:`load` the drain is spread over
+        ``DJANGO_WS_DRAIN_WINDOW``; elsewhere (single-instance mode, where uWSGI ends
+        the worker right after this) every connection is closed at once, with 1012.
+        """
+        if not self._uwsgi_reload or self.config.drain_window <= 0:
+            self.going_away()
+            return
+        self.drain(settle=0.0, reload=True)
+
+    def drain(self, *, settle: float, reload: bool = False) -> None:
+        """Stop taking connections, then close every one with 1012 over the drain window.
+
+        The registry shows this worker not ready at once, so the fronts hand new
+        connections to other instances; after ``settle`` seconds new connections
+        are refused (503) and the open ones are closed one by one, each at a random
+        point of its own slot of ``DJANGO_WS_DRAIN_WINDOW`` (:func:`drain_schedule`):
+        their clients reconnect elsewhere at a bounded rate. With ``reload``, the
+        worker then leaves the registry and ends (uWSGI starts a new one).
+        """
+        import gevent
+
+        if self._reloading or (self._draining and not reload):
+            return
+        self._reloading = reload
+        self._draining = True
+        self._beat_soon()
+        gevent.spawn(self._drain_then_leave if reload else self._drain, settle)
+
+    def _drain_then_leave(self, settle: float) -> None:
+        import gevent
+        from redis.exceptions import RedisError
+
+        from .session import DRAIN_TIMEOUT, LINGER_TIMEOUT
+
+        self._drain(settle)
+        deadline = time.monotonic() + DRAIN_TIMEOUT + LINGER_TIMEOUT + 1.0
+        while self._sessions and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        self._leaving = True
+        if self._registry is not None:
+            try:
+                self._registry.leave(self.worker_name())
+            except RedisError:
+                pass
+        logger.info("worker %d drained: ending it for the reload", os.getpid())
+        os._exit(UWSGI_RELOAD_CODE)
+
+    def _drain(self, settle: float) -> None:
+        import gevent
+
+        if settle > 0:
+            gevent.sleep(settle)
+        if not self._draining:
+            return  # cancelled meanwhile
+        self._refusing = True
+        sessions = list(self._sessions)
+        random.shuffle(sessions)
+        window = self.config.drain_window
+        logger.info("worker %d draining: closing %d connection(s) over %.1fs", os.getpid(), len(sessions), window)
+        started = time.monotonic()
+        for at, session in zip(drain_schedule(len(sessions), window), sessions, strict=True):
+            delay = started + at - time.monotonic()
+            if delay > 0:
+                gevent.sleep(delay)
+            if not self._draining:
+                return
+            session.going_away()
+
+    # ----------------------------------------------------------------- operations endpoints
+
+    def _ops(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
+            return _answer(start_response, 405, "use GET")
+        if path == LIVE_PATH:
+            return _answer(start_response, 200, "live")
+        if path == READY_PATH:
+            return self._readiness(start_response)
+        return self._metrics(start_response)
+
+    def _readiness(self, start_response: StartResponse) -> Iterable[bytes]:
+        from redis.exceptions import RedisError
+
+        if self._draining:
+            return _answer(start_response, 503, "draining")
+        try:
+            hub, store = self._runtime()
+            store.client.ping()
+        except (RedisError, ConfigurationError):
+            return _answer(start_response, 503, "redis unreachable")
+        if not hub.connected:
+            return _answer(start_response, 503, "hub not subscribed")
+        return _answer(start_response, 200, "ready")
+
+    def _metrics(self, start_response: StartResponse) -> Iterable[bytes]:
+        from redis.exceptions import RedisError
+
+        mine = self.snapshot()
+        snapshots = [mine]
+        if self.config.registry_interval > 0 and self.address:
+            try:
+                others = self._registry_client().workers()
+            except RedisError as exc:
+                logger.warning("metrics of this worker only: cannot read the registry (%s)", exc)
+                others = []
+            me = self.worker_name()
+            snapshots += [w for w in others if w.get("address") == self.address and w.get("name") != me]
+        try:
+            body, content_type = render_metrics(merge_snapshots(snapshots))
+        except ImportError:
+            return _answer(start_response, 501, "metrics need prometheus_client (pip install prometheus-client)")
+        start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+        return [body]
 
     def _collect_forever(self) -> None:
         """Reclaim what the frozen objects hold, once every FULL_COLLECTION_INTERVAL."""
@@ -196,7 +483,13 @@ class WebSocketApplication:
         )
         return False
 
+    def _refuse(self, reason: str) -> None:
+        if self._stats is not None:
+            self._stats.refuse(reason)
+
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if TICKET_VAR not in environ and environ.get("PATH_INFO") in OPS_PATHS:
+            return self._ops(environ, start_response)
         try:
             config = self.config
         except ConfigurationError as exc:
@@ -216,15 +509,20 @@ class WebSocketApplication:
                 raise TicketError("ticket made for another handshake")
         except TicketError as exc:
             logger.warning("refused connection from %s: %s", environ.get("REMOTE_ADDR", "?"), exc.reason)
+            self._refuse("ticket")
             return _answer(start_response, 403, "forbidden")
         except BadRequest as exc:
+            self._refuse("bad_request")
             return _answer(start_response, exc.status, exc.message)
+        if self._refusing:
+            self._refuse("draining")
+            return _answer(start_response, 503, "service restarting: try another instance")
         in_process = environ.get(ACCEPT_STREAM_KEY if ticket.stream else ACCEPT_KEY) is not None
         if not in_process:
             if not self._gevent_patched():
                 return _answer(start_response, 500, "server misconfigured")
-            if self._hub is None:
-                self._start_worker_watchers()
+            self._start_worker_watchers()
+            self._own_sighup()
         refusal = self._claim(ticket, environ, config)
         if refusal is not None:
             status, text = refusal
@@ -242,6 +540,7 @@ class WebSocketApplication:
                 uwsgi.websocket_handshake(key)
             except OSError:
                 logger.warning("websocket handshake failed for %s", ticket.identity)
+                self._refuse("handshake")
                 return []
             transport = GeventSocketTransport(uwsgi.connection_fd())
         self._serve(Session, ticket, transport)
@@ -255,8 +554,10 @@ class WebSocketApplication:
             fresh = store.claim(nonce_key(ticket.prefix, ticket.nonce), lifetime)
         except RedisUnavailable as exc:
             logger.warning("refused connection of %s: %s", ticket.identity, exc)
+            self._refuse("redis")
             return 503, "service unavailable: try again"
         if not fresh:
+            self._refuse("ticket_reused")
             logger.warning(
                 "refused a ticket used before, for %s from %s", ticket.identity, environ.get("REMOTE_ADDR", "?")
             )
@@ -277,7 +578,10 @@ class WebSocketApplication:
             subscribe_timeout=self.config.subscribe_timeout,
             controller=self.controller(ticket.prefix),
             presence=self.presence(ticket.prefix) if ticket.presence else None,
+            stats=self._stats,
         )
+        if self._stats is not None:
+            self._stats.handshakes += 1
         self._sessions.add(session)
         try:
             session.run()
@@ -292,8 +596,8 @@ class WebSocketApplication:
             return []
         if not self._gevent_patched():
             return _answer(start_response, 500, "server misconfigured")
-        if self._hub is None:
-            self._start_worker_watchers()
+        self._start_worker_watchers()
+        self._own_sighup()
         start_response("200 OK", list(SSE_HEADERS))
 
         def body() -> Iterator[bytes]:
@@ -308,11 +612,13 @@ class WebSocketApplication:
 
 
 _REASONS = {
+    200: "OK",
     400: "Bad Request",
     403: "Forbidden",
     405: "Method Not Allowed",
     426: "Upgrade Required",
     500: "Internal Server Error",
+    501: "Not Implemented",
     503: "Service Unavailable",
 }
 
@@ -329,6 +635,8 @@ def _answer(start_response: StartResponse, status: int, text: str) -> list[bytes
     return [body]
 
 
+# The status uWSGI's workers end with when they are reloaded.
+UWSGI_RELOAD_CODE = 17
 # The status of a websocket instance that refused its configuration: uWSGI's own
 # "no application could be loaded" code, so that uWSGI and supervisors read it alike.
 EXIT_REFUSED = 22
@@ -360,7 +668,15 @@ def load() -> WebSocketApplication:
         logger.critical("websocket instance not started: %s", exc)
         _stop_front()
         raise SystemExit(EXIT_REFUSED) from None
-    return WebSocketApplication(config)
+    app = WebSocketApplication(config)
+    try:
+        import uwsgi
+    except ImportError:
+        return app
+    # Each worker registers and connects its Hub as soon as it exists, not at its
+    # first connection: until then nobody would know it is ready.
+    uwsgi.post_fork_hook = app.worker_started
+    return app
 
 
 def _uwsgi_sockets() -> list[str]:

@@ -175,6 +175,13 @@ class Config:
             besides its single subscriber connection.
         subscribe_timeout: seconds to wait for Redis to confirm a subscription.
         publish_command: ``PUBLISH`` or ``SPUBLISH`` (Redis Cluster).
+        prefix: the Redis prefix of the instance registry (Django's ``PREFIX``).
+        registry_interval: seconds between a worker's heartbeats in the registry
+            (0: no registry, no metrics of other workers).
+        drain_window: seconds over which a draining worker closes its connections.
+        metrics: count the figures the metrics and the registry show.
+        address: how the front reaches this instance (default: its first socket).
+        ops_address: the instance's operations HTTP address, shown by ws_status.
     """
 
     secret: bytes
@@ -183,6 +190,12 @@ class Config:
     pool_size: int = 10
     subscribe_timeout: float = 10.0
     publish_command: str = "PUBLISH"
+    prefix: str = "ws"
+    registry_interval: float = 1.0
+    drain_window: float = 5.0
+    metrics: bool = True
+    address: str = ""
+    ops_address: str = ""
 
     def __post_init__(self) -> None:
         from .redis_url import check_publish_command, check_url
@@ -192,6 +205,13 @@ class Config:
         check_secret(self.secret)
         if self.pool_size < 1:
             raise ConfigurationError(f"pool_size must be at least 1, not {self.pool_size}")
+        from .exceptions import BadRequest
+        from .protocol import validate_prefix
+
+        try:
+            validate_prefix(self.prefix)
+        except (BadRequest, ValueError):
+            raise ConfigurationError(f"DJANGO_WS_PREFIX: {self.prefix!r} is not a valid Redis prefix") from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -209,7 +229,24 @@ class Config:
             pool_size=int(_number(env, "DJANGO_WS_POOL_SIZE", 10)),
             subscribe_timeout=_number(env, "DJANGO_WS_SUBSCRIBE_TIMEOUT", 10.0),
             publish_command=env.get("DJANGO_WS_PUBLISH_COMMAND", "PUBLISH"),
+            prefix=env.get("DJANGO_WS_PREFIX", "") or "ws",
+            registry_interval=_number(env, "DJANGO_WS_REGISTRY_INTERVAL", 1.0),
+            drain_window=_number(env, "DJANGO_WS_DRAIN_WINDOW", 5.0),
+            metrics=_flag(env, "DJANGO_WS_METRICS", True),
+            address=env.get("DJANGO_WS_ADDRESS", ""),
+            ops_address=env.get("DJANGO_WS_OPS_HTTP", ""),
         )
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError(f"{name} must be 1 or 0 (true or false), not {raw!r}")
 
 
 def _number(env: Mapping[str, str], name: str, default: float) -> float:

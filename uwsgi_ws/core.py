@@ -166,6 +166,10 @@ class SessionCore:
         self._events: Iterator[Event] | None = None
         #: Client events (frames) handled so far: the driver paces the reading by it.
         self.events_handled = 0
+        #: Recoveries asked for (a recover position, or a gap after losing Redis) that
+        #: were covered, and that were not; the driver reads and resets them.
+        self.recovered = 0
+        self.not_recovered = 0
         # The message being received, in fragments: its UTF-8 bytes, so that its
         # memory is what MAX_MESSAGE_SIZE counts, however many fragments it comes in
         # (a list of one-byte fragments costs some 60 times their size).
@@ -230,6 +234,11 @@ class SessionCore:
                 continue  # unsubscribed meanwhile
             since = self.ticket.recover.get(label)
             outcome = decide_recovery(since, state.epoch, state.top, state.history, latest=self.ticket.latest)
+            if since is not None:
+                if outcome.recovered:
+                    self.recovered += 1
+                else:
+                    self.not_recovered += 1
             for envelope in outcome.envelopes:
                 actions += self._deliver(channel, envelope, None)
             self.positions[channel] = _later(self.positions.get(channel), outcome.position)
@@ -287,6 +296,10 @@ class SessionCore:
         """
         if self.state is not State.OPEN or channel not in self.labels:
             return []  # still syncing: that read covers the gap by itself
+        if recovered:
+            self.recovered += 1
+        else:
+            self.not_recovered += 1
         current = self.positions.get(channel)
         if recovered and current is not None and current.epoch == position.epoch and current.offset >= position.offset:
             position = current

@@ -54,6 +54,7 @@ from .protocol import Envelope, Position, channel_label, client_frame, decide_re
 
 if TYPE_CHECKING:
     from .shards import ShardedHub
+    from .ops import Stats
     from .store import ChannelState, Store
 
 logger = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class Hub:
             the ``(host, port)`` of the node that does, as its MOVED answer said.
         on_lost: called (from the reader, must not block) each time the connection
             breaks.
+        stats: the worker's figures (the delivery lag is recorded here); None: none.
     """
 
     def __init__(
@@ -150,10 +152,12 @@ class Hub:
         subscribe_command: str = "SUBSCRIBE",
         on_moved: Callable[[list[str], tuple[str, int]], None] | None = None,
         on_lost: Callable[[], None] | None = None,
+        stats: Stats | None = None,
     ) -> None:
         self._connect = connect
         self._on_moved = on_moved
         self._on_lost = on_lost
+        self._stats = stats
         self._store = store
         self._ping_interval = ping_interval
         self._max_backoff = max_backoff
@@ -175,11 +179,14 @@ class Hub:
         self._write_lock = threading.Lock()  # one command at a time on the connection
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        self._stopped = threading.Event()  # wakes the pinger up when the Hub stops
         # Channels confirmed after a reconnection, waiting for their history read.
         self._to_resync: collections.deque[str] = collections.deque()
         self._resync_wanted = threading.Event()
         self._generation = 0  # connections lost so far (see _fill)
         self.reconnects = 0
+        #: Errors on the subscriber connection (each one ends it; the Hub reconnects).
+        self.errors = 0
         #: History reads issued after reconnections (one per pipelined batch of channels).
         self.resync_reads = 0
         #: Exceptions raised by listeners (each logged, none stops the Hub).
@@ -204,12 +211,28 @@ class Hub:
         """Ask the threads to end and close the Redis connection."""
         self._stopping = True
         self._resync_wanted.set()
+        self._stopped.set()
         if self._conn is not None:
             self._conn.disconnect()
 
     @property
     def channel_count(self) -> int:
         return len(self._channels)
+
+    @property
+    def connected(self) -> bool:
+        """The subscriber connection is up (every channel was subscribed again on it)."""
+        return self._connected and not self._stopping
+
+    def subscriptions(self) -> int:
+        """The listeners of every channel, summed."""
+        return sum(len(state.listeners) for state in tuple(self._channels.values()))
+
+    def busiest(self, count: int) -> list[tuple[str, int]]:
+        """The ``count`` channels with the most local listeners: (name, listeners)."""
+        sizes = [(name, len(state.listeners)) for name, state in tuple(self._channels.items())]
+        sizes.sort(key=lambda item: (-item[1], item[0]))
+        return sizes[:count]
 
     # ----------------------------------------------------------------- listeners
 
@@ -456,6 +479,7 @@ class Hub:
                 self._lost()
                 if self._stopping:
                     return
+                self.errors += 1
                 delay = min(self._max_backoff, max(0.05, delay * 2))
                 if not first:
                     self.reconnects += 1
@@ -624,13 +648,19 @@ class Hub:
         elif state.tail:
             state.tail.clear()  # it would no longer join up with the position
         frame = client_frame(state.label, envelope)
-        for listener in tuple(state.listeners):
+        listeners = tuple(state.listeners)
+        for listener in listeners:
             try:
                 listener.deliver(name, envelope, frame)
             except Exception:
                 # One broken listener must not cost the worker its subscriber connection.
                 self.listener_errors += 1
                 logger.exception("a listener of %s failed to take a message", name)
+        stats = self._stats
+        if stats is not None and envelope.published:
+            # Once per message, not per listener: the time after the last write is
+            # what every listener of this worker waited, at most.
+            stats.observe_lag(time.time() - envelope.published, len(listeners))
 
     def _notify(self, name: str, call: Callable[[Listener], None]) -> None:
         state = self._channels.get(name)
@@ -762,7 +792,8 @@ class Hub:
 
     def _ping_forever(self) -> None:
         while not self._stopping:
-            time.sleep(self._ping_interval)
+            if self._stopped.wait(self._ping_interval):
+                return
             conn = self._conn
             if not self._connected or conn is None:
                 continue
@@ -828,7 +859,7 @@ def connection_factory(url: str, *, ping_interval: float) -> Callable[[], Connec
 
 
 def make_hub(
-    url: str, *, subscribe_command: str, store: Store | None, ping_interval: float = 10.0
+    url: str, *, subscribe_command: str, store: Store | None, ping_interval: float = 10.0, stats: Stats | None = None
 ) -> Hub | ShardedHub:
     """Return the Hub for ``url``: one subscriber connection, or with sharded pub/sub
     on a Cluster a :class:`~uwsgi_ws.shards.ShardedHub` (one per master in use)."""
@@ -842,10 +873,12 @@ def make_hub(
             node_factory(url, **_subscriber_options(ping_interval)),
             store=store,
             ping_interval=ping_interval,
+            stats=stats,
         )
     return Hub(
         connection_factory(url, ping_interval=ping_interval),
         store=store,
         ping_interval=ping_interval,
         subscribe_command=subscribe_command,
+        stats=stats,
     )

@@ -688,13 +688,27 @@ KIND_BINARY = b"b"
 
 @dataclass(frozen=True)
 class Envelope:
-    """One published message as Redis carries and keeps it."""
+    """One published message as Redis carries and keeps it.
+
+    ``published`` is the Unix time of the publish call, stamped by the publisher
+    (0.0 for envelopes published before stamps existed): the delivery lag is measured
+    from it.
+    """
 
     sender: bytes
     kind: bytes
     offset: int
     epoch: str
     payload: bytes
+    published: float = 0.0
+
+
+def stamp_sender(sender: bytes, now: float | None = None) -> bytes:
+    """Return the envelope's first field: the sender id and the publish time.
+
+    Sender ids are hex digits (or empty), so ``@`` separates the two.
+    """
+    return b"%s@%.6f" % (sender, time.time() if now is None else now)
 
 
 def encode_payload(message: Any) -> tuple[bytes, bytes]:
@@ -728,7 +742,12 @@ def decode_envelope(raw: bytes) -> Envelope:
     parts = raw.split(b"\n", 4)
     if len(parts) != 5 or parts[1] not in (KIND_TEXT, KIND_JSON, KIND_BINARY):
         raise ValueError("not an envelope")
-    return Envelope(parts[0], parts[1], int(parts[2]), parts[3].decode("ascii"), parts[4])
+    sender, _, stamp = parts[0].partition(b"@")
+    try:
+        published = float(stamp) if stamp else 0.0
+    except ValueError:
+        raise ValueError("not an envelope") from None
+    return Envelope(sender, parts[1], int(parts[2]), parts[3].decode("ascii"), parts[4], published)
 
 
 # --------------------------------------------------------------------------- frames

@@ -54,6 +54,7 @@ from .transport import Transport
 if TYPE_CHECKING:
     from .control import Controller
     from .presence import PresenceTracker
+    from .ops import Stats
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class Session:
             orders (``disconnect()``); None: no orders are followed.
         presence: the worker's presence tracker, which lists the connection in the
             channels of ``ticket.presence``; None: it is listed nowhere.
+        stats: the worker's figures, counted here; None: nothing is counted.
         clock: monotonic clock (for tests).
     """
 
@@ -99,9 +101,11 @@ class Session:
         subscribe_timeout: float = 10.0,
         controller: Controller | None = None,
         presence: PresenceTracker | None = None,
+        stats: Stats | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ticket = ticket
+        self._stats = stats
         self.transport = transport
         self.hub = hub
         self.store = store
@@ -194,6 +198,9 @@ class Session:
                     self.transport.linger(LINGER_TIMEOUT)
             self.core.closed()
             self.transport.close()
+            if self._stats is not None:
+                self._stats.close(self.core.close_code)
+                self._count_recoveries()
 
     def _loop(self) -> None:
         transport = self.transport
@@ -268,13 +275,25 @@ class Session:
                 later.append(action)
         return later
 
+    def _count_recoveries(self) -> None:
+        stats, core = self._stats, self.core
+        if stats is not None and (core.recovered or core.not_recovered):
+            stats.recovered += core.recovered
+            stats.not_recovered += core.not_recovered
+            core.recovered = core.not_recovered = 0
+
     def _send(self, data: bytes) -> None:
         transport = self.transport
         transport.send(data)
+        stats = self._stats
+        if stats is not None:
+            stats.bytes_sent += len(data)
         # Every frame counts, whatever it is: a flood of pongs or errors for a client
         # that never reads is a slow consumer like any other.
         if transport.queued_bytes > self._queue_bytes or transport.queued_messages > self._queue_messages:
             if self._finish is None:
+                if stats is not None:
+                    stats.slow_consumers += 1
                 logger.warning(
                     "closing slow consumer %s: %d bytes in %d chunks waiting",
                     self.ticket.identity,
@@ -303,6 +322,7 @@ class Session:
                     actions += self._step(self.core.failed)
                     continue
                 actions += self._step(self.core.history_read, states)
+                self._count_recoveries()
             elif isinstance(action, Publish):
                 refusal = self._publish(action)
                 actions += self._step(self.core.published, refusal, self._clock())
@@ -325,6 +345,9 @@ class Session:
 
     def _publish(self, action: Publish) -> str | None:
         limits = self.ticket.limits
+        stats = self._stats
+        if stats is not None:
+            stats.received += 1
         try:
             # The core's own limiter stopped this connection's floods; this bucket is
             # the client's, shared with its other connections and its POSTs.
@@ -342,7 +365,11 @@ class Session:
             )
         except PublishError as exc:
             logger.error("publish from %s failed: %s", self.ticket.identity, exc)
+            if stats is not None:
+                stats.publish_errors += 1
             return "unavailable"
+        if stats is not None:
+            stats.published += 1
         return None
 
     # ----------------------------------------------------------------- from other threads
@@ -353,15 +380,20 @@ class Session:
             data = self.core.live(channel, envelope, frame)
             if data is not None:
                 self._send(data)
+                if self._stats is not None:
+                    self._stats.delivered += 1
         else:
             with self._lock:
                 data = self.core.live(channel, envelope, frame)
                 if data is not None:
                     self._send(data)
+                    if self._stats is not None:
+                        self._stats.delivered += 1
 
     def resynced(self, channel: str, recovered: bool, position: Position) -> None:
         """The Hub caught up with ``channel`` after a reconnection (never blocks)."""
         self._step(self.core.resynced, channel, recovered, position)
+        self._count_recoveries()
 
     def resync_failed(self, channel: str) -> None:
         """The Hub could not read ``channel``'s history after a reconnection."""

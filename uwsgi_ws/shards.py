@@ -39,6 +39,7 @@ from .exceptions import SubscribeTimeout
 from .hub import Hub, Listener, _confirmed_all
 
 if TYPE_CHECKING:
+    from .ops import Stats
     from .protocol import Position
     from .store import Store
 
@@ -93,6 +94,7 @@ class ShardedHub:
         ping_interval: float = 10.0,
         max_backoff: float = 5.0,
         refresh_interval: float = 0.5,
+        stats: Stats | None = None,
     ) -> None:
         self._seeds = list(seeds)
         # Every node seen in a slot map, replicas too: after a failover the seeds
@@ -102,6 +104,7 @@ class ShardedHub:
             raise ValueError("a ShardedHub needs at least one Cluster node to start from")
         self._connect = connect
         self._store = store
+        self._stats = stats
         self._ping_interval = ping_interval
         self._max_backoff = max_backoff
         self._refresh_interval = refresh_interval
@@ -257,6 +260,7 @@ class ShardedHub:
                 subscribe_command="SSUBSCRIBE",
                 on_moved=self._moved,
                 on_lost=self._wanted.set,
+                stats=self._stats,
             )
             hub.start()
         return hub

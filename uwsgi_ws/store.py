@@ -18,7 +18,7 @@ import redis
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from .exceptions import InvalidArgument, PublishError, RedisUnavailable
-from .protocol import MAX_OFFSET, Envelope, Position, decode_envelope, log_key, meta_key
+from .protocol import MAX_OFFSET, Envelope, Position, decode_envelope, log_key, meta_key, stamp_sender
 
 logger = logging.getLogger(__name__)
 
@@ -281,6 +281,7 @@ class Store:
             PublishError: Redis could not be reached or refused the message.
         """
         channels = list(dict.fromkeys(channels))
+        sender = stamp_sender(sender)
         ttl_ms = max(1, int(history_ttl * 1000))
         size, cap = max(0, int(history_size)), max(0, int(history_max_bytes))
         calls = [

@@ -59,3 +59,19 @@ test("heartbeat deadline: dead only once the timeout has passed since the last f
   // a frame arrived meanwhile: check again when the new deadline comes
   assert.deepEqual(checkHeartbeat(51000, 30000, 50000), { dead: false, wait: 29000 });
 });
+
+test("after a service restart (1012, 1001) the first reconnection is spread over restartSpread", async () => {
+  const { connect } = await import("../../django_ws/static/django_ws/django_ws.mjs");
+  const { fakeEnv } = await import("./fakes.mjs");
+  for (const [code, expected] of [[1012, 375 + 500], [1001, 375 + 500], [1006, 375], [1011, 375]]) {
+    const env = fakeEnv({ random: () => 0.5, restartSpread: 1000 });
+    const conn = connect("ws://example.test/ws/chat?subscribe-broadcast", env.options);
+    const delays = [];
+    conn.on("reconnecting", (e) => delays.push(e.delay));
+    env.WebSocket.last.serverClose(code);
+    env.clock.advance(expected);
+    env.WebSocket.last.serverClose(1006); // the next failure: plain backoff again
+    assert.deepEqual(delays, [expected, 750], `close ${code}`);
+    conn.close();
+  }
+});

@@ -489,3 +489,29 @@ def test_presence_fields_of_a_ticket_round_trip_by_label():
     token = sign_ticket(ticket, b"s" * 32)
     assert verify_ticket(token, b"s" * 32) == ticket
     assert "{ws:f:group:a}" not in json.dumps(ticket.to_dict()["ps"])  # labels, not channel names
+
+
+def test_envelopes_carry_the_publish_time_after_the_sender():
+    from uwsgi_ws.protocol import stamp_sender
+
+    stamped = stamp_sender(b"abc", now=1700000000.25)
+    assert stamped == b"abc@1700000000.250000"
+    env = decode_envelope(stamped + b"\nt\n7\n123.4\nline1\nline2")
+    assert (env.sender, env.published, env.payload) == (b"abc", 1700000000.25, b"line1\nline2")
+    # published before stamps existed: no time, the sender as it was
+    old = decode_envelope(b"abc\nt\n7\n123.4\nx")
+    assert (old.sender, old.published) == (b"abc", 0.0)
+    with pytest.raises(ValueError):
+        decode_envelope(b"abc@soon\nt\n7\n123.4\nx")
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [("DJANGO_WS_METRICS", "maybe"), ("DJANGO_WS_DRAIN_WINDOW", "-1"), ("DJANGO_WS_PREFIX", "bad prefix!")],
+)
+def test_operations_variables_are_checked(name, value):
+    from uwsgi_ws.config import Config
+    from uwsgi_ws.exceptions import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=name.replace("DJANGO_WS_", "") if name == "DJANGO_WS_PREFIX" else name):
+        Config.from_env({"DJANGO_WS_SECRET": "s" * 16 + "0123456789abcdef" * 2, name: value})

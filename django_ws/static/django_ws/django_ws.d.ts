@@ -75,6 +75,10 @@ export interface BackoffOptions {
 }
 
 export interface Options extends BackoffOptions {
+  /** ms: after a close with 1012 or 1001 (the server restarts), the first reconnection
+   * waits up to this much longer, at random, so that the clients of an instance do not
+   * come back in step. Default 1000. */
+  restartSpread?: number;
   /** Consecutive failed attempts before giving up (status "closed"). Default Infinity. */
   maxRetries?: number;
   /**

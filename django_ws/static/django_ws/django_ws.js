@@ -53,6 +53,7 @@
     maxDelay: 30000, // ms, the cap of the backoff
     factor: 2, // growth of the delay per failed attempt
     jitter: 0.5, // a delay d becomes a random value in [d * (1 - jitter), d]
+    restartSpread: 1000, // ms: after a close 1012/1001 (the server restarts), the first attempt waits up to this much more, at random
     maxRetries: Infinity, // consecutive failed attempts before giving up
     heartbeatTimeout: null, // ms of silence before the socket is declared dead; null: 2.5 heartbeats
     sendQueueLimit: 100, // messages kept by send() while not connected
@@ -789,6 +790,14 @@
     this._setStatus("reconnecting");
     if (!this._isOnline()) return; // wait for the "online" event
     var delay = backoffDelay(this._attempt, this.options, this._random);
+    if (this._attempt === 0 && (this._lastCloseCode === 1012 || this._lastCloseCode === 1001)) {
+      // Every client of a restarting instance is told at about the same time (the
+      // server spreads the closes over its drain window, but a window may be short):
+      // coming back at once, in step, would be a handshake storm on the survivors.
+      var spread = this.options.restartSpread != null ? this.options.restartSpread : DEFAULTS.restartSpread;
+      delay += Math.round(this._random() * spread);
+    }
+    this._lastCloseCode = null;
     this._attempt += 1;
     var self = this;
     this._retryTimer = this._setTimeout(function () {
@@ -810,6 +819,7 @@
     this._detach();
     var code = event && event.code;
     var reason = (event && event.reason) || "";
+    this._lastCloseCode = code;
     if (isTerminalClose(code)) {
       // The server closed this identity's connections on purpose: stop, and let the
       // page decide (log in again, reload...). No reconnection with the old identity.
