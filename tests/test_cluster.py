@@ -14,6 +14,7 @@ import pytest
 
 import django_ws
 from tests.conftest import WS, free_port, start_redis, start_stack, stop, wait_for
+from uwsgi_ws.config import Config
 from uwsgi_ws.exceptions import ConfigurationError
 from uwsgi_ws.redis_url import check_publish_command, check_url, parse_cluster_url
 

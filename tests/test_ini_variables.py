@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import EXAMPLE, UWSGI, WS, port_open, private_dir, wait_for
+from tests.conftest import EXAMPLE, UWSGI, WS, free_port, port_open, private_dir, wait_for
 from tests.security.ini_runs import INI, readme_env, start
 
 pytestmark = pytest.mark.timeout(120)
@@ -42,6 +42,7 @@ def test_every_documented_variable_takes_effect(redis_server, project, tmp_path,
 
     env = readme_env(redis_url=redis_server.url, secret=project.env["DJANGO_WS_SECRET"])
     port = int(env["DJANGO_WS_HTTP"].rsplit(":", 1)[1])
+    ops_port = free_port()
     values = {
         "DJANGO_WS_SECRET": env["DJANGO_WS_SECRET"],
         "DJANGO_WS_HTTP": env["DJANGO_WS_HTTP"],
@@ -56,6 +57,7 @@ def test_every_documented_variable_takes_effect(redis_server, project, tmp_path,
         "DJANGO_WS_WORKERS": "2",
         "UWSGI_LISTEN": "99",
         "DJANGO_WS_UWSGI_BIN": str(wrapper),
+        "DJANGO_WS_OPS_HTTP": f"127.0.0.1:{ops_port}",
     }
     assert set(values) == documented_variables(), "a variable the ini documents has no case here"
     env.update(values, EXAMPLE_DB=project.env["EXAMPLE_DB"])
@@ -77,6 +79,10 @@ def test_every_documented_variable_takes_effect(redis_server, project, tmp_path,
             assert (frame["type"], frame["data"]) == ("message", "through every variable")
         finally:
             ws.close()
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{ops_port}/health/live", timeout=10) as live:
+            assert live.status == 200  # DJANGO_WS_OPS_HTTP
         log = run.text()
     finally:
         run.stop()

@@ -6,7 +6,7 @@ import pytest
 
 import django_ws
 from tests.conftest import WS, wait_for
-from tests.test_cluster import _channel, cluster, on_cluster  # noqa: F401 - the fixtures
+from tests.test_cluster import _channel, cluster, on_cluster, publish_command  # noqa: F401 - the fixtures
 from uwsgi_ws.presence import Occupancy
 
 pytestmark = pytest.mark.timeout(120)

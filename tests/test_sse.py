@@ -146,8 +146,11 @@ def test_not_recovered_event_after_the_history_is_lost(stack, stream, facility, 
     from uwsgi_ws.protocol import log_key, meta_key
 
     redis_server.client().delete(meta_key(published.channel), log_key(published.channel))
+    # The channel starts again in a new epoch: the client's position is of the lost one.
+    django_ws.publish(facility, "after the loss", broadcast=True)
     frames = stream("subscribe-broadcast", last_event_id=last_id).until("ready")
     assert [d["recovered"] for e, d in frames if e == "subscribed"] == [False]
+    assert [d["data"] for e, d in frames if e == "message"] == ["after the loss"]
 
 
 @pytest.mark.parametrize("query", ["subscribe-user", "subscribe-session"])

@@ -296,11 +296,6 @@ class Hub:
 
     # ------------------------------------------------- moving channels between Hubs
 
-    @property
-    def connected(self) -> bool:
-        """True while the subscriber connection is up."""
-        return self._connected
-
     def channel_names(self) -> list[str]:
         with self._lock:
             return list(self._channels)

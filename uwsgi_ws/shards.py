@@ -41,7 +41,7 @@ from .hub import Hub, Listener, _confirmed_all
 if TYPE_CHECKING:
     from .ops import Stats
     from .protocol import Position
-    from .store import Store
+    from .store import ChannelState, Store
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class ShardedHub:
         self._thread: threading.Thread | None = None
         self._stopping = False
         # Counters of Hubs already stopped, so the totals below never go back.
-        self._done = {"reconnects": 0, "resync_reads": 0, "listener_errors": 0}
+        self._done = {"reconnects": 0, "resync_reads": 0, "listener_errors": 0, "errors": 0}
         #: Channels moved from one master's Hub to another's.
         self.moves = 0
         #: Readings of the Cluster's slot map.
@@ -164,6 +164,37 @@ class ShardedHub:
     @property
     def reconnects(self) -> int:
         return self._total("reconnects")
+
+    @property
+    def errors(self) -> int:
+        return self._total("errors")
+
+    @property
+    def connected(self) -> bool:
+        """Every node connection this worker needs is up (True while it needs none)."""
+        with self._lock:
+            return all(hub.connected for hub in self._hubs.values())
+
+    def subscriptions(self) -> int:
+        """The listeners of every channel, summed over the nodes."""
+        with self._lock:
+            hubs = list(self._hubs.values())
+        return sum(hub.subscriptions() for hub in hubs)
+
+    def busiest(self, count: int) -> list[tuple[str, int]]:
+        """The ``count`` channels with the most local listeners, over every node."""
+        with self._lock:
+            hubs = list(self._hubs.values())
+        sizes = [item for hub in hubs for item in hub.busiest(count)]
+        sizes.sort(key=lambda item: (-item[1], item[0]))
+        return sizes[:count]
+
+    def recent(self, channel: str, since: Position, *, wait: float = 2.0) -> ChannelState | None:
+        """What the node Hub of ``channel`` delivered after ``since`` (see Hub.recent)."""
+        with self._lock:
+            where = self._where.get(channel)
+            hub = self._hubs.get(where) if where is not None else None
+        return None if hub is None else hub.recent(channel, since, wait=wait)
 
     @property
     def resync_reads(self) -> int:

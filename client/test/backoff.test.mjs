@@ -61,7 +61,7 @@ test("heartbeat deadline: dead only once the timeout has passed since the last f
 });
 
 test("after a service restart (1012, 1001) the first reconnection is spread over restartSpread", async () => {
-  const { connect } = await import("../../django_ws/static/django_ws/django_ws.mjs");
+  const { connect } = await import("django-uwsgi-ws");
   const { fakeEnv } = await import("./fakes.mjs");
   for (const [code, expected] of [[1012, 375 + 500], [1001, 375 + 500], [1006, 375], [1011, 375]]) {
     const env = fakeEnv({ random: () => 0.5, restartSpread: 1000 });
