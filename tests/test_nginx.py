@@ -1,4 +1,5 @@
-"""The README's nginx configuration, for real: websockets and event streams through nginx."""
+"""The deployment guide's nginx configuration (docs/howto/deploy.md), for real: websockets
+and event streams through nginx."""
 
 from __future__ import annotations
 
@@ -20,10 +21,14 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 pytestmark = pytest.mark.timeout(120)
 
 
+DEPLOY_GUIDE = ROOT / "docs" / "howto" / "deploy.md"
+
+
 def readme_snippet() -> str:
-    text = (ROOT / "README.md").read_text()
+    """The nginx configuration of the deployment guide (between its nginx-snippet marks)."""
+    text = DEPLOY_GUIDE.read_text()
     match = re.search(r"<!-- nginx-snippet -->\s*```nginx\n(.*?)```", text, re.S)
-    assert match, "the nginx snippet is missing from README.md"
+    assert match, "the nginx snippet is missing from docs/howto/deploy.md"
     return match.group(1)
 
 
