@@ -33,7 +33,7 @@ def readme_snippet() -> str:
 
 
 def readme_server(upstream_port: int, port: int) -> str:
-    """The README's server block, in plain HTTP on ``port``, in front of ``upstream_port``."""
+    """The deployment guide's server block, in plain HTTP on ``port``, in front of ``upstream_port``."""
     server = readme_snippet()
     server = server.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream_port};")
     server = server.replace("listen 443 ssl;", f"listen 127.0.0.1:{port};")
@@ -73,7 +73,7 @@ def running_nginx(server: str, port: int, tmp_path) -> Iterator[int]:
 
 @pytest.fixture
 def nginx(offload_stack, tmp_path):
-    """nginx with the README's server block, in plain HTTP on a free port, in front of the stack."""
+    """nginx with the deployment guide's server block, in plain HTTP on a free port, in front of the stack."""
     port = free_port()
     with running_nginx(readme_server(offload_stack.port, port), port, tmp_path):
         yield port
