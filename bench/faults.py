@@ -2,7 +2,7 @@
 
 Usage: scripts/faults.sh [CONNECTIONS]   (python bench/faults.py --connections N)
 
-N websockets on one websocket instance behind its front (the README's deployment:
+N websockets on one websocket instance behind its front (the deployment of
 uwsgi.ini.example), each subscribed to the broadcast channel and to its own user
 channel (N users, each logged in), and a publisher (``django_ws.publish``) sending
 200 messages a second to both kinds throughout. Then, in turn: Redis restarted

@@ -8,7 +8,8 @@ Each case starts the example stack from uwsgi.ini.example with the ini's front o
 2 processes x 2 threads (plus the uWSGI options the case adds), fetches one page to
 warm it up, opens its slow connections (each sends a header line, or a byte of a
 request body, every INTERVAL seconds and never finishes its request) to the front's
-own ``http-socket``, to uWSGI's HTTP router, or to nginx running the README's snippet,
+own ``http-socket``, to uWSGI's HTTP router, or to nginx running
+the deployment guide's snippet (docs/howto/deploy.md),
 then fetches the home page one request after the other for --window seconds. It prints
 how many pages were answered and the slowest, or how long the client waited in vain,
 and how many of the front's threads were inside a request (uWSGI's stats server).

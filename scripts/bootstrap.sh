@@ -21,13 +21,13 @@ for pkg in libssl-dev libpcre2-dev python3-dev python3-venv pkg-config; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 # The browser tests drive Debian's Chromium (never a downloaded browser); node runs
-# the browser client's unit tests; nginx checks the README's proxy configuration.
+# the browser client's unit tests; nginx checks docs/howto/deploy.md's proxy configuration.
 # SKIP_BROWSER=1 leaves them out (the demo needs none of them).
 if [ "${SKIP_BROWSER:-0}" != 1 ]; then
   [ -x /usr/bin/chromium ] || missing+=(chromium)
   command -v node >/dev/null || missing+=(nodejs)
   command -v npm >/dev/null || missing+=(npm)  # npm ci: the browser client's minifier
-  [ -x /usr/sbin/nginx ] || missing+=(nginx-light)  # the README's nginx configuration is tested
+  [ -x /usr/sbin/nginx ] || missing+=(nginx-light)  # the deployment guide's nginx configuration is tested
 fi
 if ((${#missing[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

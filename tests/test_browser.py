@@ -211,8 +211,8 @@ def test_screenshot_of_the_demo(browser, offload_stack):
 
 
 def _blocking_server(upstream_port: int, port: int) -> str:
-    """The README's nginx block, changed into a proxy that strips websocket upgrades
-    (as some corporate proxies do): event streams and pages pass, websockets cannot."""
+    """The deployment guide's nginx block (docs/howto/deploy.md), changed into a proxy that strips
+    websocket upgrades (as some corporate proxies do): event streams and pages pass, websockets cannot."""
     from tests.test_nginx import readme_server
 
     server = readme_server(upstream_port, port)

@@ -1,4 +1,5 @@
-"""The README's nginx configuration, for real: websockets and event streams through nginx."""
+"""The deployment guide's nginx configuration (docs/howto/deploy.md), for real: websockets
+and event streams through nginx."""
 
 from __future__ import annotations
 
@@ -20,15 +21,19 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 pytestmark = pytest.mark.timeout(120)
 
 
+DEPLOY_GUIDE = ROOT / "docs" / "howto" / "deploy.md"
+
+
 def readme_snippet() -> str:
-    text = (ROOT / "README.md").read_text()
+    """The nginx configuration of the deployment guide (between its nginx-snippet marks)."""
+    text = DEPLOY_GUIDE.read_text()
     match = re.search(r"<!-- nginx-snippet -->\s*```nginx\n(.*?)```", text, re.S)
-    assert match, "the nginx snippet is missing from README.md"
+    assert match, "the nginx snippet is missing from docs/howto/deploy.md"
     return match.group(1)
 
 
 def readme_server(upstream_port: int, port: int) -> str:
-    """The README's server block, in plain HTTP on ``port``, in front of ``upstream_port``."""
+    """The deployment guide's server block, in plain HTTP on ``port``, in front of ``upstream_port``."""
     server = readme_snippet()
     server = server.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream_port};")
     server = server.replace("listen 443 ssl;", f"listen 127.0.0.1:{port};")
@@ -68,7 +73,7 @@ def running_nginx(server: str, port: int, tmp_path) -> Iterator[int]:
 
 @pytest.fixture
 def nginx(offload_stack, tmp_path):
-    """nginx with the README's server block, in plain HTTP on a free port, in front of the stack."""
+    """nginx with the deployment guide's server block, in plain HTTP on a free port, in front of the stack."""
     port = free_port()
     with running_nginx(readme_server(offload_stack.port, port), port, tmp_path):
         yield port

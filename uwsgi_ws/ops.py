@@ -250,7 +250,7 @@ class Registry:
 
     def order_drain(self, address: str, *, at: float | None = None, ttl: float = 86400.0) -> None:
         """Ask the instance at ``address`` to drain: its workers started before the
-        order stop taking connections and close theirs (see the README)."""
+        order stop taking connections and close theirs (see docs/guide/operations.md)."""
         self.client.set(drain_key(self.prefix, address), "%.6f" % (time.time() if at is None else at), ex=int(ttl))
 
     def cancel_drain(self, address: str) -> None:

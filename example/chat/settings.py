@@ -1,4 +1,4 @@
-"""Settings of the example chat project (development values; see README for production)."""
+"""Settings of the example chat project (development values; see docs/howto/deploy.md for production)."""
 
 import os
 from pathlib import Path
@@ -67,7 +67,7 @@ LOGIN_URL = "/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/"
 
-# Behind a proxy that terminates TLS and sets X-Forwarded-Proto (nginx in the README):
+# Behind a proxy that terminates TLS and sets X-Forwarded-Proto (nginx in docs/howto/deploy.md):
 # pages and the Origin check then see https. Only where that proxy is the sole way in.
 if os.environ.get("EXAMPLE_BEHIND_TLS_PROXY") == "1":
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")

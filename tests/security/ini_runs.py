@@ -1,4 +1,4 @@
-"""Run uwsgi.ini.example the way the README says, and look at what it really produces.
+"""Run uwsgi.ini.example the way the documentation says, and look at what it really produces.
 
 Every process of a run carries a mark in its environment (inherited by the front's
 workers and by the websocket instance it starts), so a test can find all of them,
@@ -52,7 +52,7 @@ def marked(mark: str) -> list[int]:
 
 
 def ini_copy(tmp: Path) -> Path:
-    """A verbatim copy of the ini in ``tmp`` (the README says to copy it into a project).
+    """A verbatim copy of the ini in ``tmp`` (the tutorial says to copy it into a project).
 
     Its default hand-over directory is named after the file's path, so a copy gives a
     test a default directory of its own instead of the one this checkout's demo uses.
@@ -63,9 +63,9 @@ def ini_copy(tmp: Path) -> Path:
 
 
 def readme_env(*, redis_url: str, secret: str | None, **extra: str) -> dict[str, str]:
-    """The README's environment for ``uwsgi --ini uwsgi.ini.example`` (and nothing inherited).
+    """The documented environment for ``uwsgi --ini uwsgi.ini.example`` (and nothing inherited).
 
-    DJANGO_WS_SECRET and DJANGO_WS_REDIS_URL as the README sets them, a free port for
+    DJANGO_WS_SECRET and DJANGO_WS_REDIS_URL as the documentation sets them, a free port for
     the front, and small worker counts; ``secret=None`` leaves the secret out. No
     DJANGO_WS_* or UWSGI_* variable of the test process leaks in.
     """

@@ -221,8 +221,9 @@ def test_a_missing_origin_when_it_is_not_allowed(strict_stack, facility, poster,
 
 @pytest.fixture(scope="module")
 def tls_nginx(strict_stack, tmp_path_factory):
-    """The README's nginx block, terminating TLS (a self-signed certificate) in front of
-    the strict stack: X-Forwarded-Proto comes from nginx, as in production."""
+    """The deployment guide's nginx block (docs/howto/deploy.md), terminating TLS (a
+    self-signed certificate) in front of the strict stack: X-Forwarded-Proto comes from
+    nginx, as in production."""
     from tests.test_nginx import readme_snippet, running_nginx
 
     tmp = tmp_path_factory.mktemp("tls-nginx")

@@ -3,21 +3,21 @@
 uWSGI's ``http-socket`` reads a request with a blocking worker thread, and its
 ``socket-timeout`` (4 s) only bounds the pause between two reads: a client that sends
 one header line every two seconds holds a thread for as long as it likes, and a few
-such clients leave none for pages. The deployment the README recommends puts nginx in
+such clients leave none for pages. The deployment that docs/howto/deploy.md recommends puts nginx in
 front: nginx reads each request in full (head and body) before it passes it on, and
 cuts a head that takes longer than ``client_header_timeout``, so the front only ever
 sees complete requests.
 
 The attack, for each target: 50 connections dribbling header lines, 50 dribbling a
 request body and 50 dribbling a websocket handshake, while a client fetches pages and
-opens websockets. Through the README's nginx every page and websocket must be answered
+opens websockets. Through the deployment guide's nginx every page and websocket must be answered
 within ``PAGE_TIMEOUT`` and no front thread may be held. The same test against the
 front's own port, and against an nginx that streams request bodies
 (``proxy_request_buffering off``), is the unprotected baseline: it must fail with
 ``Starved`` (strict xfail), which shows the test can tell the difference.
 
 ``bench/slow_clients.py`` reuses these helpers to print figures (page times with 0, 3,
-50 slow connections, with uWSGI's own options) for the README.
+50 slow connections, with uWSGI's own options) for docs/howto/deploy.md.
 """
 
 from __future__ import annotations
@@ -370,7 +370,7 @@ def probe(front: Front, port: int, facility: str, seconds: float) -> Probes:
 def nginx_seconds(server: str, directive: str) -> float:
     """Return a time directive of an nginx server block, in seconds (``10s``, ``1m``, ``30``)."""
     match = re.search(rf"^\s*{directive}\s+(\d+)(ms|s|m)?;", server, re.M)
-    assert match, f"the README's nginx snippet does not set {directive}"
+    assert match, f"the deployment guide's nginx snippet does not set {directive}"
     value, unit = int(match.group(1)), match.group(2) or "s"
     return value * {"ms": 0.001, "s": 1, "m": 60}[unit]
 
@@ -384,7 +384,7 @@ def target_port(front: Front, target: str, tmp_path: Path) -> Iterator[tuple[int
     port = free_port()
     server = readme_server(front.port, port)
     if target == "nginx-unbuffered":
-        assert "proxy_request_buffering on;" in server, "the README's snippet should buffer request bodies"
+        assert "proxy_request_buffering on;" in server, "the deploy guide's snippet should buffer bodies"
         server = server.replace("proxy_request_buffering on;", "proxy_request_buffering off;")
     with running_nginx(server, port, tmp_path) as port:
         yield port, server
