@@ -283,7 +283,9 @@ def test_the_hub_moves_to_another_master_when_its_own_fails(cluster, on_cluster,
         for i in range(100)
         if cluster.owner(_channel(f"{facility}{i}", Audience(Kind.BROADCAST))) != hub_node.port
     )
-    ws = WS(stack.url(f"/ws/{name}?subscribe-broadcast"))
+    # Up to 30 s per frame: the Hub must notice its node is gone and move (slower
+    # on a loaded machine).
+    ws = WS(stack.url(f"/ws/{name}?subscribe-broadcast"), timeout=30)
     ws.ready()
     stop(hub_node.proc, signal.SIGKILL)  # a node this test started
     django_ws.publish(name, "after the node died", broadcast=True)
